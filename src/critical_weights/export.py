@@ -1,0 +1,132 @@
+"""What the user gets: the critical weights as CSV, statistics, a manifest and DVC metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from critical_weights import __version__, shards
+from critical_weights.outputs import write_json, write_text
+from critical_weights.ranking import block_of, component_of, read_ranked
+
+CSV_COLUMNS = ("rank", "parameter", "block", "component", "row", "col", "flat_index",
+               "score", "weight", "gradient", "metric", "token")
+VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
+
+
+def _float(x: float) -> str:
+    """Shortest text that reads back as the same float32 (9 significant digits suffice)."""
+    return format(x, ".9g")
+
+
+def _csv_field(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return _float(value)
+    text = str(value)
+    if any(c in text for c in ',"\n\r') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def critical_csv(ranked: pa.Table) -> str:
+    """One row per critical weight, with exactly CSV_COLUMNS."""
+    lines = [",".join(CSV_COLUMNS)]
+    for r in ranked.to_pylist():
+        block = block_of(r["parameter"])
+        row = {**r, "block": block, "component": component_of(r["parameter"])}
+        lines.append(",".join(_csv_field(row[c]) for c in CSV_COLUMNS))
+    return "\n".join(lines) + "\n"
+
+
+def parameter_stats(stats: pa.Table) -> dict[str, Any]:
+    """Per parameter: shape, block, component and, per metric, the exact statistics."""
+    out: dict[str, Any] = {}
+    for r in stats.drop_columns(["hist", "grid", "grid_rows", "grid_cols"]).to_pylist():
+        entry = out.setdefault(r["parameter"], {
+            "index": r["param_index"], "shape": r["shape"], "n_weights": r["count"],
+            "block": block_of(r["parameter"]), "component": component_of(r["parameter"]), "metrics": {},
+        })
+        entry["metrics"][r["metric"]] = {k: r[k] for k in ("count", "sum", "mean", "std", "min", "max", "zeros", "negatives")}
+    return out
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "critical_weights": __version__}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def concentration(ranked: pa.Table) -> dict[str, Any]:
+    """Per tensor, how concentrated its critical weights are in a few columns or rows.
+
+    `top_col_share` is the share of the tensor's critical weights in its most frequent input
+    column (the super-weight signature is one column holding most of them).
+    """
+    out = {}
+    for name in dict.fromkeys(ranked["parameter"].to_pylist()):
+        part = ranked.filter(pc.equal(ranked["parameter"], name))
+        n = part.num_rows
+        out[name] = {}
+        for axis in ("col", "row"):
+            counts = pc.value_counts(part[axis]).to_pylist()
+            best = max(counts, key=lambda c: (c["counts"], -c["values"]))
+            out[name][f"top_{axis}"] = best["values"]
+            out[name][f"top_{axis}_share"] = best["counts"] / n
+            out[name][f"distinct_{axis}s"] = len(counts)
+    return out
+
+
+def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Path) -> None:
+    """Write critical_weights.csv, sensitivity_stats.json, manifest.json and metrics.json."""
+    from critical_weights.texts import read_prepared_meta
+
+    meta = shards.read_meta(sensitivity)
+    stats = shards.read_stats(sensitivity)
+    ranked, rank_info = read_ranked(ranked_dir)
+    metric = rank_info["rank"]["metric"]
+    csv_text = critical_csv(ranked)
+    write_text(reports / "critical_weights.csv", csv_text)
+
+    metric_stats = stats.filter(pc.equal(stats["metric"], metric))
+    totals = {
+        "n_parameters": meta["n_parameters"], "n_weights": meta["n_weights"],
+        "n_texts": meta["n_sequences"], "n_tokens": meta["n_tokens"],
+        "avg_loss": meta["avg_loss"], "perplexity": meta["perplexity"],
+    }
+    write_json(reports / "sensitivity_stats.json", {
+        "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,
+        "parameters": parameter_stats(stats), "concentration": concentration(ranked),
+        "wanda_skipped": meta.get("wanda_skipped", {}),
+    })
+    prep_meta = read_prepared_meta(prepared)
+    write_json(reports / "manifest.json", {
+        "params": {**meta["params"], "texts": json.loads(prep_meta["params"])["texts"], "rank": rank_info["rank"]},
+        "model": meta["model"],
+        "texts": {"source": prep_meta["source"], "n_available": int(prep_meta["n_available"]),
+                  "n_texts": int(prep_meta["n_texts"]), "token_sha256": prep_meta["text_sha256"]},
+        "critical_weights_csv_sha256": hashlib.sha256(csv_text.encode()).hexdigest(),
+        "versions": versions(),
+    })
+    total_sum = sum(metric_stats["sum"].to_pylist())
+    scores = ranked["score"].to_numpy()
+    write_json(reports / "metrics.json", {
+        **totals,
+        "n_critical": ranked.num_rows,
+        "max_score": float(pc.max(metric_stats["max"]).as_py()),
+        "mean_score": total_sum / max(1, sum(metric_stats["count"].to_pylist())),
+        "critical_min_score": float(scores.min()) if len(scores) else 0.0,
+        "critical_share_of_total": float(scores.astype("float64").sum() / total_sum) if total_sum else 0.0,
+    })

@@ -1,0 +1,166 @@
+"""Plots of the sensitivity statistics, and the tables behind DVC's own `plots:`.
+
+Every figure function returns a Figure built with `fig, ax = plt.subplots()`; `run_plot`
+saves them. All data come from the exact statistics in the shards, never from a sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from critical_weights import shards  # noqa: E402
+from critical_weights.outputs import atomic_path  # noqa: E402
+from critical_weights.params import PlotParams  # noqa: E402
+from critical_weights.ranking import block_of, component_of, read_ranked  # noqa: E402
+
+COMPONENT_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _edges(meta: dict) -> np.ndarray:
+    h = meta["hist_log10_edges"]
+    n = (h["high"] - h["low"]) * h["per_decade"]
+    return np.linspace(h["low"], h["high"], n + 1)
+
+
+def histogram(stats: pa.Table) -> tuple[np.ndarray, int, int]:
+    """Counts of positive scores per log10 bin, summed over parameters; zeros; negatives."""
+    counts = np.sum(np.array(stats["hist"].to_pylist(), dtype=np.int64), axis=0)
+    return counts, int(pc.sum(stats["zeros"]).as_py()), int(pc.sum(stats["negatives"]).as_py())
+
+
+def distribution_figure(edges: np.ndarray, counts: np.ndarray, zeros: int, negatives: int,
+                        threshold: float | None, metric: str, label: str) -> Figure:
+    """Exact histogram of every score on a log10 axis, with the critical threshold marked."""
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    used = np.flatnonzero(counts)
+    lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(counts))
+    ax.stairs(counts[lo:hi], edges[lo : hi + 1], fill=True, alpha=0.75, color="tab:blue", label="weights per bin")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"log10({metric} score)")
+    ax.set_ylabel("number of weights")
+    total = int(counts.sum()) + zeros + negatives
+    ax.set_title(f"Distribution of all {total:,} {metric} scores (exact histogram)")
+    if threshold is not None and threshold > 0:
+        ax.axvline(np.log10(threshold), color="tab:red", linestyle="--", label=f"{label}: {threshold:.3g}")
+    notes = [f"zero scores: {zeros:,}"] + ([f"negative scores: {negatives:,}"] if negatives else [])
+    ax.text(0.01, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=9)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def layer_table(stats: pa.Table) -> list[dict]:
+    """Per parameter: block, component, max and mean score, weights."""
+    rows = []
+    for r in stats.select(["parameter", "max", "sum", "count"]).to_pylist():
+        rows.append({"parameter": r["parameter"], "block": block_of(r["parameter"]),
+                     "component": component_of(r["parameter"]), "max": r["max"],
+                     "mean": r["sum"] / r["count"] if r["count"] else 0.0})
+    return rows
+
+
+def _components(rows: list[dict]) -> list[str]:
+    seen = list(dict.fromkeys(r["component"] for r in rows if r["block"] is not None))
+    return [c for c in COMPONENT_ORDER if c in seen] + [c for c in seen if c not in COMPONENT_ORDER]
+
+
+def layer_comparison_figure(rows: list[dict], metric: str) -> Figure:
+    """Max and mean score per block, one line per component; tensors outside blocks dashed."""
+    fig, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    comps = _components(rows)
+    cmap = plt.get_cmap("tab10")
+    for ax, stat in zip(axes, ("max", "mean")):
+        for i, comp in enumerate(comps):
+            pts = sorted((r["block"], r[stat]) for r in rows if r["component"] == comp and r["block"] is not None)
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", ms=3, color=cmap(i % 10), label=comp)
+        for j, r in enumerate(r for r in rows if r["block"] is None):
+            ax.axhline(r[stat], color=cmap((len(comps) + j) % 10), linestyle="--", linewidth=1.2,
+                       label=f"{r['component']} (not in a block)")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{stat} {metric} score")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_title(f"{metric} per transformer block and component")
+    axes[1].set_xlabel("transformer block")
+    axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.0), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(rows: list[dict], stat: str, metric: str, grid: np.ndarray, grid_name: str) -> Figure:
+    """Left: block x component heatmap of log10 score. Right: the pooled grid of the top tensor."""
+    comps = _components(rows)
+    blocks = sorted({r["block"] for r in rows if r["block"] is not None})
+    cell = np.full((len(blocks), len(comps)), np.nan)
+    for r in rows:
+        if r["block"] is not None and r[stat] > 0:
+            cell[blocks.index(r["block"]), comps.index(r["component"])] = np.log10(r[stat])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, max(5, 0.22 * len(blocks) + 2)),
+                                  gridspec_kw={"width_ratios": [1, 1.2]})
+    im = ax.imshow(cell, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(comps)), comps, rotation=45, ha="right")
+    step = max(1, len(blocks) // 16)
+    ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    ax.set_ylabel("transformer block")
+    ax.set_title(f"log10 {stat} {metric} per block and component")
+    fig.colorbar(im, ax=ax, label=f"log10 {stat} score")
+    with np.errstate(divide="ignore"):
+        shown = np.where(grid > 0, np.log10(np.where(grid > 0, grid, 1)), np.nan)
+    im2 = ax2.imshow(shown, aspect="auto", cmap="magma", interpolation="nearest")
+    ax2.set_title(f"{grid_name}\nmax-pooled {grid.shape[0]}x{grid.shape[1]} grid (rows x cols)", fontsize=10)
+    ax2.set_xlabel("input column (pooled)")
+    ax2.set_ylabel("output row (pooled)")
+    fig.colorbar(im2, ax=ax2, label="log10 max score")
+    fig.tight_layout()
+    return fig
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    def fmt(v: object) -> str:
+        return format(v, ".9g") if isinstance(v, float) else ("" if v is None else str(v))
+
+    return "\n".join([",".join(header)] + [",".join(fmt(v) for v in row) for row in rows]) + "\n"
+
+
+def run_plot(sensitivity: Path, ranked_dir: Path, out: Path, params: PlotParams) -> None:
+    """Write the three PNGs and the CSVs behind DVC's `plots:` into `out`."""
+    meta = shards.read_meta(sensitivity)
+    stats = shards.read_stats(sensitivity)
+    ranked, info = read_ranked(ranked_dir)
+    metric, mode = info["rank"]["metric"], info["rank"]["mode"]
+    stats = stats.filter(pc.equal(stats["metric"], metric))
+    edges = _edges(meta)
+    counts, zeros, negatives = histogram(stats)
+    threshold = float(pc.min(ranked["score"]).as_py()) if ranked.num_rows else None
+    label = "global top-k threshold" if mode == "global" else f"lowest critical score ({mode} top-{info['rank']['k']})"
+    rows = layer_table(stats)
+    top = max(stats.to_pylist(), key=lambda r: (r["max"], -r["param_index"]))
+    grid = np.array(top["grid"], dtype=np.float32).reshape(top["grid_rows"], top["grid_cols"])
+    figures = {
+        "sensitivity_distribution.png": distribution_figure(edges, counts, zeros, negatives, threshold, metric, label),
+        "layer_comparison.png": layer_comparison_figure(rows, metric),
+        "sensitivity_heatmap.png": heatmap_figure(rows, params.heatmap_stat, metric, grid, top["parameter"]),
+    }
+    comps = _components(rows)
+    by_block: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["block"] is not None:
+            by_block.setdefault(r["block"], {})[r["component"]] = r["max"]
+    centers = (edges[:-1] + edges[1:]) / 2
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, fig in figures.items():
+            fig.savefig(tmp / name, dpi=params.dpi, metadata={"Software": None})
+            plt.close(fig)
+        (tmp / "layer_comparison.csv").write_text(
+            _csv(["block", *comps], [[b, *(by_block[b].get(c) for c in comps)] for b in sorted(by_block)]), encoding="utf-8")
+        (tmp / "score_histogram.csv").write_text(
+            _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]), encoding="utf-8")

@@ -1,0 +1,124 @@
+"""Exact top-k over the sensitivity shards, per tensor, block, component or globally.
+
+Every mode is exact for k <= `sensitivity.keep`: a group's top-k is the top-k of the union
+of its tensors' top-k candidates, since no weight outside a tensor's top-k can beat its
+k-th. Order: score descending, then flat index ascending, then parameter order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from critical_weights import shards
+from critical_weights.errors import ParamsError, ShardError
+from critical_weights.outputs import atomic_path
+from critical_weights.params import RankParams
+
+RANKED_FILE = "critical.parquet"
+_BLOCK = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+
+def block_of(parameter: str) -> int | None:
+    """Transformer block index from a parameter name, None outside blocks."""
+    m = _BLOCK.search(parameter)
+    return int(m.group(1)) if m else None
+
+
+def component_of(parameter: str) -> str:
+    """`q_proj`, `down_proj`, `embed_tokens`, `lm_head`, ...: the module holding the weight."""
+    parts = parameter.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def group_of(mode: str, parameter: str) -> str:
+    """The group a parameter's weights compete in under `mode`."""
+    if mode == "global":
+        return "all"
+    if mode == "per_layer":
+        return parameter
+    if mode == "per_component":
+        return component_of(parameter)
+    block = block_of(parameter)
+    return f"block {block}" if block is not None else component_of(parameter)
+
+
+def select_parameters(names: list[str], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+    """Names matching any `include` pattern (all when empty) and no `exclude` pattern."""
+    chosen = [n for n in names if (not include or any(fnmatch.fnmatchcase(n, p) for p in include))
+              and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise ParamsError([f"rank.include/rank.exclude: {list(include)} / {list(exclude)} leave no parameter to rank"])
+    return chosen
+
+
+def rank_candidates(candidates: pa.Table, param_index: dict[str, int], mode: str, k: int) -> pa.Table:
+    """Top-k of each group, with a 1-based `rank` and the `group` name, groups in order."""
+    group_names: list[str] = []  # in order of their first parameter
+    group_id: dict[str, int] = {}  # parameter -> position in group_names
+    for name in sorted(param_index, key=param_index.get):
+        g = group_of(mode, name)
+        if g not in group_names:
+            group_names.append(g)
+        group_id[name] = group_names.index(g)
+    names = candidates["parameter"].to_pylist()
+    p_order = np.array([param_index[n] for n in names], dtype=np.int64)
+    groups = np.array([group_id[n] for n in names], dtype=np.int64)
+    score = candidates["score"].to_numpy().astype(np.float64)
+    flat = candidates["flat_index"].to_numpy()
+    # lexsort sorts by the last key first: group, then score desc, flat index, parameter order
+    order = np.lexsort((p_order, flat, -score, groups))
+    g_sorted = groups[order]
+    starts = np.searchsorted(g_sorted, g_sorted, side="left")  # first position of each row's group
+    rank_in_group = np.arange(len(order)) - starts
+    keep = rank_in_group < k
+    table = candidates.take(pa.array(order[keep]))
+    table = table.set_column(table.schema.get_field_index("rank"), "rank", pa.array((rank_in_group[keep] + 1).astype(np.int32)))
+    return table.append_column("group", pa.array([group_names[g] for g in g_sorted[keep]], pa.string()))
+
+
+def run_rank(sensitivity: Path, params: RankParams, out: Path) -> None:
+    """Read the shards, rank, and write `critical.parquet` and `meta.json` to `out`."""
+    meta = shards.read_meta(sensitivity)
+    if params.metric not in meta["metrics"]:
+        raise ShardError(
+            f"rank.metric: {params.metric!r} is not in the shards; they hold {', '.join(meta['metrics'])} "
+            "(add it to sensitivity.metrics)"
+        )
+    if params.k > meta["keep"]:
+        raise ShardError(f"rank.k: {params.k} exceeds the shards' sensitivity.keep {meta['keep']}; raise sensitivity.keep")
+    stats = shards.read_stats(sensitivity)
+    stats = stats.filter(pc.equal(stats["metric"], params.metric))
+    names = stats["parameter"].to_pylist()
+    chosen = set(select_parameters(names, params.include, params.exclude))
+    stats = stats.filter(pa.array([n in chosen for n in names]))
+    candidates = shards.read_candidates(sensitivity, stats, params.metric)
+    param_index = dict(zip(stats["parameter"].to_pylist(), stats["param_index"].to_pylist()))
+    ranked = rank_candidates(candidates, param_index, params.mode, params.k)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        pq.write_table(ranked, tmp / RANKED_FILE, compression="zstd")
+        info: dict[str, Any] = {"rank": asdict(params), "n_ranked": ranked.num_rows,
+                                "n_groups": len(set(ranked["group"].to_pylist())), "parameters": sorted(chosen)}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_ranked(folder: Path) -> tuple[pa.Table, dict[str, Any]]:
+    path = folder / RANKED_FILE
+    try:
+        table = pq.read_table(path)
+        info = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"ranked file {path} is missing; run the rank stage (dvc repro)") from None
+    except (pa.ArrowException, OSError, json.JSONDecodeError) as err:
+        raise ShardError(f"ranked file {path} is corrupt ({str(err).splitlines()[0]}); rerun dvc repro") from None
+    return table, info

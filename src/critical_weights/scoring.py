@@ -1,0 +1,176 @@
+"""Per-weight scores and their exact summaries, computed on the model's device in row chunks.
+
+For each parameter and metric this yields the top-`keep` candidates (ties broken by flat
+index, ascending), exact statistics, a fixed log10-binned histogram and a max-pooled grid.
+Nothing here loops over elements in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from critical_weights.sensitivity import Accumulators
+
+CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time
+GRID = 64  # pooled grid is at most GRID x GRID
+HIST_LOW, HIST_HIGH, HIST_PER_DECADE = -24, 6, 10  # log10 bins: 1e-24 .. 1e6, 10 per decade
+N_BINS = (HIST_HIGH - HIST_LOW) * HIST_PER_DECADE
+
+
+def hist_edges() -> np.ndarray:
+    """The N_BINS + 1 bin edges, as log10(score). Bin 0 collects underflow, the last overflow."""
+    return np.linspace(HIST_LOW, HIST_HIGH, N_BINS + 1)
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View any parameter as (rows, cols): 1-D tensors are a column, >2-D fold trailing dims."""
+    if t.ndim == 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+def metric_scores(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, rows: slice) -> torch.Tensor:
+    """Scores of `rows` of one parameter, (r, cols) float32."""
+    w = as_matrix(weight)[rows].to(torch.float32, copy=True)  # (r, cols) float32, never the weight itself
+    if metric == "magnitude":
+        return w.abs_()
+    if metric == "wanda":
+        norm = acc.act_sq[name].sqrt()  # (cols,) L2 norm of each input feature
+        return w.abs_().mul_(norm)
+    if metric in ("grad_x_weight", "gradient"):
+        g = as_matrix(acc.grad[name])[rows]
+        return g.abs() if metric == "gradient" else w.mul_(g).abs_()
+    if metric == "fisher":
+        return as_matrix(acc.fisher[name])[rows].clone()
+    if metric == "taylor2":
+        return w.mul_(w).mul_(as_matrix(acc.fisher[name])[rows]).mul_(0.5)
+    if metric == "hutchinson":
+        return w.mul_(w).mul_(as_matrix(acc.hutchinson[name])[rows]).mul_(0.5)
+    raise ValueError(f"unknown metric {metric}")
+
+
+def row_chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def top_k_stable(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values, ties broken by smaller index; returned in that order.
+
+    values (n,) float32, index (n,) int64 and unique. Exact: every value above the k-th
+    is kept, and among values equal to it, the smallest indices.
+    """
+    k = min(k, values.numel())
+    top, _ = torch.topk(values, k, sorted=False)
+    threshold = top.min()
+    above = values > threshold
+    n_above = int(above.sum())
+    at = (values == threshold).nonzero().squeeze(1)  # positions, ascending
+    at = at[torch.argsort(index[at], stable=True)][: k - n_above]
+    pos = torch.cat([above.nonzero().squeeze(1), at])
+    pos = pos[torch.argsort(index[pos], stable=True)]  # index ascending...
+    pos = pos[torch.argsort(values[pos], descending=True, stable=True)]  # ...then score descending
+    return values[pos], index[pos]
+
+
+@dataclass
+class Summary:
+    """Exact summary of one parameter's scores for one metric (numpy, on the host)."""
+
+    top_index: np.ndarray  # (k,) int64 flat indices, best first
+    top_score: np.ndarray  # (k,) float32
+    count: int
+    total: float
+    mean: float
+    std: float
+    minimum: float
+    maximum: float
+    zeros: int
+    negatives: int
+    hist: np.ndarray  # (N_BINS,) int64 counts of positive scores by log10 bin
+    grid: np.ndarray  # (gr, gc) float32 max-pooled scores
+
+
+def log10_bin(scores: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each score: floor((log10(s) - HIST_LOW) * HIST_PER_DECADE), clamped
+    to [0, N_BINS - 1]; zero and negative scores fall in bin 0. (n,) float32 -> (n,) int64."""
+    tiny = 10.0 ** (HIST_LOW - 1)
+    b = scores.clamp_min(tiny).log10_().sub_(HIST_LOW).mul_(HIST_PER_DECADE).floor_()
+    return b.clamp_(0, N_BINS - 1).long()
+
+
+class _Running:
+    """Chunk-wise accumulation of the summary (Chan's parallel mean/variance in float64)."""
+
+    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device):
+        self.keep = keep
+        self.cand_v: list[torch.Tensor] = []
+        self.cand_i: list[torch.Tensor] = []
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.total = 0.0  # float64 on the host
+        self.lo, self.hi = torch.tensor(np.inf, device=device), torch.tensor(-np.inf, device=device)
+        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self.negatives = torch.zeros((), dtype=torch.int64, device=device)
+        self.hist = torch.zeros(N_BINS, dtype=torch.int64, device=device)
+        self.n_cols = n_cols
+        self.gr, self.gc = min(GRID, n_rows), min(GRID, n_cols)
+        self.grid = torch.full((self.gr, self.gc), -np.inf, device=device)
+        self.row_bin = torch.arange(n_rows, device=device) * self.gr // n_rows  # (rows,)
+        self.col_bin = torch.arange(n_cols, device=device) * self.gc // n_cols  # (cols,)
+
+    def add(self, s: torch.Tensor, rows: slice) -> None:
+        # s (r, cols) float32 scores for rows `rows`
+        flat = s.reshape(-1)
+        index = torch.arange(rows.start * self.n_cols, rows.stop * self.n_cols, device=s.device)
+        v, i = top_k_stable(flat, index, self.keep)
+        self.cand_v.append(v)
+        self.cand_i.append(i)
+        n_c = flat.numel()
+        # float32 sums within rows, float64 across rows: accurate and fast on every device
+        mean_c = float(s.sum(dim=1).double().sum()) / n_c
+        m2_c = float((s - mean_c).square_().sum(dim=1).double().sum())
+        delta, n_new = mean_c - self.mean, self.n + n_c
+        self.mean += delta * n_c / n_new
+        self.m2 += m2_c + delta * delta * self.n * n_c / n_new
+        self.n = n_new
+        self.total += mean_c * n_c
+        self.lo = torch.minimum(self.lo, flat.min())
+        self.hi = torch.maximum(self.hi, flat.max())
+        zeros, negatives = torch.count_nonzero(flat == 0), torch.count_nonzero(flat < 0)
+        self.zeros += zeros
+        self.negatives += negatives
+        self.hist += torch.bincount(log10_bin(flat), minlength=N_BINS)
+        self.hist[0] -= zeros + negatives  # they landed in the underflow bin; count positives only
+        by_col = torch.full((s.shape[0], self.gc), -np.inf, device=s.device)
+        by_col.scatter_reduce_(1, self.col_bin.expand(s.shape[0], -1), s, "amax")  # (r, gc)
+        row_idx = self.row_bin[rows].unsqueeze(1).expand(-1, self.gc)
+        self.grid.scatter_reduce_(0, row_idx, by_col, "amax")
+
+    def finish(self) -> Summary:
+        v, i = top_k_stable(torch.cat(self.cand_v), torch.cat(self.cand_i), self.keep)
+        return Summary(
+            top_index=i.cpu().numpy(), top_score=v.cpu().numpy(),
+            count=self.n, total=self.total, mean=self.mean,
+            std=float(np.sqrt(self.m2 / self.n)) if self.n else 0.0,
+            minimum=float(self.lo), maximum=float(self.hi),
+            zeros=int(self.zeros), negatives=int(self.negatives),
+            hist=self.hist.cpu().numpy(), grid=self.grid.cpu().numpy(),
+        )
+
+
+def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, keep: int,
+              dense: list[np.ndarray] | None = None) -> Summary:
+    """Score one parameter chunk by chunk; with `dense`, also append every score (flat, float32)."""
+    n_rows, n_cols = as_matrix(weight).shape
+    run = _Running(n_rows, n_cols, keep, weight.device)
+    for rows in row_chunks(n_rows, n_cols):
+        s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
+        run.add(s, rows)
+        if dense is not None:
+            dense.append(s.reshape(-1).cpu().numpy())
+    return run.finish()

@@ -1,0 +1,314 @@
+"""The loss, its gradient, and the other per-weight accumulators the metrics need.
+
+L is the mean next-token cross-entropy over every predicted token of every sequence: each
+token weighs the same and padding weighs nothing. Micro-batch b contributes
+(sum of its token losses) / N, where N is the number of predicted tokens in the whole set,
+so summing the micro-batch gradients gives dL/dW exactly, whatever the batching.
+
+Accumulators, all float32 and shaped like their weight:
+- `grad`: dL/dW (every metric but magnitude needs it);
+- `fisher`: mean over sequences n of g_n^2, where g_n is the gradient of sequence n's own
+  mean loss (one backward per sequence);
+- `hutchinson`: mean over Rademacher probes z of z * (H z), H the Hessian of L;
+- `act_sq`: for each nn.Linear weight, the sum over real tokens of x_j^2 per input feature j.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from critical_weights.batching import make_batches
+from critical_weights.errors import ModelError, NumericalError
+from critical_weights.progress import progress
+
+log = logging.getLogger(__name__)
+
+LOGITS_BUDGET_BYTES = 1 << 30  # above this, cross-entropy runs in recomputed chunks
+
+
+@dataclass
+class Accumulators:
+    """What one pass over the texts leaves behind."""
+
+    grad: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    hutchinson: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_sum: float = 0.0  # sum of token cross-entropies, float64 on the host
+    n_tokens: int = 0  # predicted tokens
+    n_sequences: int = 0
+
+
+def scored_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters to score, in `named_parameters()` order; tied weights once, first name.
+
+    `matrices`: every 2-D weight. `all`: every parameter.
+    """
+    chosen = [(n, p) for n, p in model.named_parameters() if which == "all" or p.ndim == 2]
+    if not chosen:
+        raise ModelError(f"sensitivity.parameters: {which!r} selects no parameter of this model")
+    return chosen
+
+
+def predicted_tokens(input_ids: Sequence[Sequence[int]]) -> int:
+    """Every position but the first of each sequence is predicted."""
+    return sum(len(s) - 1 for s in input_ids)
+
+
+def _pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, both (B, T) int64."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # hidden (n, C), targets (n,) -> summed cross-entropy, float32 scalar
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the real tokens of a padded batch (float32 scalar).
+
+    Logits come from the output head applied to the final hidden states of the real
+    predicting positions only. When those logits would exceed LOGITS_BUDGET_BYTES in
+    float32, they are computed in chunks that are recomputed in backward, so the full
+    float32 logits never exist at once.
+    """
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, C)
+    valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
+    h = hidden[:, :-1][valid]  # (n, C)
+    y = ids[:, 1:][valid]  # (n,)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    chunk = max(1, LOGITS_BUDGET_BYTES // (4 * vocab))
+    if h.shape[0] <= chunk:
+        return _chunk_ce(head, h, y)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        part = torch.utils.checkpoint.checkpoint(
+            _chunk_ce, head, h[start : start + chunk], y[start : start + chunk], use_reentrant=False
+        )
+        total = total + part
+    return total
+
+
+class _GradSink:
+    """Moves each parameter's gradient into float32 accumulators as soon as it is ready.
+
+    A post-accumulate-grad hook adds `scale * grad` into `grad` (and `grad^2 / n_seq` into
+    `fisher` when asked), then frees the parameter's own .grad, so low-precision gradients
+    never pile up across micro-batches.
+    """
+
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], with_fisher: bool, n_sequences: int):
+        self.scale = 1.0
+        self.grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
+        self.fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_fisher else {}
+        self.inv_n = 1.0 / n_sequences
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in params]
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad  # (shape of p), model dtype
+            self.grad[name].add_(g, alpha=self.scale)
+            if self.fisher:
+                self.fisher[name].addcmul_(g, g, value=self.inv_n)  # g_n^2 / n_sequences
+            p.grad = None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _ActivationNorms:
+    """Sums x_j^2 over real tokens for the input of every nn.Linear whose weight is scored."""
+
+    def __init__(self, model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]]):
+        scored = {id(p): n for n, p in params}
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        self.mask: torch.Tensor | None = None
+        self.active = False  # off during backward, where checkpointed chunks rerun forward
+        self.act_sq: dict[str, torch.Tensor] = {}
+        self.skipped: dict[str, str] = {}
+        self.handles = []
+        linear = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        for n, p in params:
+            if id(p) in embeddings:
+                self.skipped[n] = "used as an embedding table, not only as an nn.Linear weight"
+            elif id(p) not in linear:
+                self.skipped[n] = "not the weight of an nn.Linear"
+            else:
+                module = linear[id(p)]
+                self.act_sq[n] = torch.zeros(module.in_features, dtype=torch.float32, device=p.device)
+                self.handles.append(module.register_forward_pre_hook(self._hook(scored[id(p)])))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if not self.active:
+                return
+            x = args[0].detach()  # (B, T, in) or (n, in)
+            if x.ndim == 3 and self.mask is not None:
+                x = x[self.mask.bool()]  # (n_real, in)
+            x = x.reshape(-1, x.shape[-1]).float()
+            self.act_sq[name].add_((x * x).sum(dim=0))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    z = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
+    return (z.float() * 2 - 1).to(like.device)
+
+
+def _probe_generator(seed: int, probe: int) -> torch.Generator:
+    # The same probe vector must be used in every micro-batch, so regenerate it from (seed, probe).
+    return torch.Generator().manual_seed(seed * 1_000_003 + probe)
+
+
+def _check_finite(loss: torch.Tensor, batch: int) -> None:
+    if not torch.isfinite(loss):
+        raise NumericalError(f"the loss of micro-batch {batch} is {loss.item()}; try model.dtype float32")
+
+
+def accumulate(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    params: list[tuple[str, torch.nn.Parameter]],
+    metrics: Sequence[str],
+    micro_batch_size: int,
+    batch_tokens: int = 0,
+    hutchinson_probes: int = 0,
+    seed: int = 0,
+) -> tuple[Accumulators, dict[str, str]]:
+    """One pass over the texts, filling the accumulators that `metrics` need.
+
+    Returns the accumulators and, for `wanda`, the parameters it skips with the reason.
+    """
+    device = params[0][1].device
+    with_fisher = "fisher" in metrics or "taylor2" in metrics
+    with_hutchinson = "hutchinson" in metrics
+    n_tokens = predicted_tokens(input_ids)
+    n_seq = len(input_ids)
+    if with_fisher and micro_batch_size != 1:
+        log.info("fisher/taylor2 need each sequence's own gradient: running one sequence per micro-batch")
+        micro_batch_size = 1
+    batches = make_batches([len(s) for s in input_ids], micro_batch_size, batch_tokens)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    sink = _GradSink(params, with_fisher, n_seq) if not with_hutchinson else None
+    norms = _ActivationNorms(model, params) if "wanda" in metrics else None
+    hutch = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_hutchinson else {}
+    grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_hutchinson else {}
+    loss_sum = 0.0
+    try:
+        for b, batch in enumerate(progress(batches, "forward+backward")):
+            ids, mask = _pad([list(input_ids[i]) for i in batch], device)
+            if norms is not None:
+                norms.mask, norms.active = mask, True
+            loss_b = token_loss_sum(model, ids, mask)  # float32 scalar, summed over tokens
+            if norms is not None:
+                norms.active = False
+            _check_finite(loss_b, b)
+            loss_sum += float(loss_b.detach().double())
+            if with_hutchinson:
+                _hutchinson_step(params, loss_b / n_tokens, grad_sum, hutch, hutchinson_probes, seed)
+            elif with_fisher:
+                # one sequence: backward its own mean loss g_n, weigh it by T_n / N into dL/dW
+                n_pred = int(mask[:, 1:].sum())
+                sink.scale = n_pred / n_tokens
+                (loss_b / n_pred).backward()
+            else:
+                (loss_b / n_tokens).backward()
+    finally:
+        if sink is not None:
+            sink.remove()
+        if norms is not None:
+            norms.remove()
+        for _, p in params:
+            p.requires_grad_(False)
+    acc = Accumulators(
+        grad=grad_sum if with_hutchinson else sink.grad,
+        fisher=sink.fisher if sink is not None else {},
+        hutchinson=hutch,
+        act_sq=norms.act_sq if norms is not None else {},
+        loss_sum=loss_sum, n_tokens=n_tokens, n_sequences=n_seq,
+    )
+    if with_hutchinson and with_fisher:
+        acc.fisher = _fisher_pass(model, input_ids, params, batch_tokens)
+    _check_gradients(params, acc.grad)
+    return acc, (norms.skipped if norms is not None else {})
+
+
+def _hutchinson_step(
+    params: list[tuple[str, torch.nn.Parameter]], loss: torch.Tensor,
+    grad_sum: dict[str, torch.Tensor], hutch: dict[str, torch.Tensor], probes: int, seed: int,
+) -> None:
+    """Add this micro-batch's dL_b/dW and, per probe, z * (H_b z) / probes (double backward)."""
+    weights = [p for _, p in params]
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    for (n, _), g in zip(params, grads):
+        grad_sum[n].add_(g.detach())
+    for j in range(probes):
+        gen = _probe_generator(seed, j)
+        zs = [_rademacher(w, gen) for w in weights]
+        hvs = torch.autograd.grad(grads, weights, grad_outputs=[z.to(w.dtype) for z, w in zip(zs, weights)],
+                                  retain_graph=j < probes - 1)
+        for (n, _), z, hv in zip(params, zs, hvs):
+            hutch[n].addcmul_(z, hv.float(), value=1.0 / probes)
+
+
+def _fisher_pass(
+    model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
+    params: list[tuple[str, torch.nn.Parameter]], batch_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Fisher diagonal in its own pass (used when hutchinson already owns the main pass)."""
+    device = params[0][1].device
+    for _, p in params:
+        p.requires_grad_(True)
+    sink = _GradSink(params, with_fisher=True, n_sequences=len(input_ids))
+    try:
+        for b, i in enumerate(progress(range(len(input_ids)), "fisher: per-sequence backward")):
+            ids, mask = _pad([list(input_ids[i])], device)
+            loss = token_loss_sum(model, ids, mask)
+            _check_finite(loss, b)
+            (loss / int(mask[:, 1:].sum())).backward()
+    finally:
+        sink.remove()
+        for _, p in params:
+            p.requires_grad_(False)
+    return sink.fisher
+
+
+def _check_gradients(params: list[tuple[str, torch.nn.Parameter]], grads: dict[str, torch.Tensor]) -> None:
+    """Every scored weight has a finite gradient of its own shape."""
+    for name, p in params:
+        g = grads.get(name)
+        if g is None or g.shape != p.shape:
+            raise ModelError(f"parameter {name}: gradient missing or shaped {None if g is None else tuple(g.shape)}, expected {tuple(p.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise NumericalError(f"parameter {name}: its gradient holds NaN or Inf; try model.dtype float32")
+
+
+def perplexity(avg_loss: float) -> float:
+    return math.exp(avg_loss) if avg_loss < 700 else math.inf

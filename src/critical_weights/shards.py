@@ -1,0 +1,155 @@
+"""The sensitivity shards in `data/sensitivity/`: explicit schemas, stable names, fixed order.
+
+Layout of the folder:
+- `candidates/NNNN-<parameter>.parquet`: per parameter, the top `keep` candidates of every
+  metric, metric by metric in params order, best first (ties by flat index);
+- `dense/NNNN-<parameter>.parquet` (only with `sensitivity.dense`): every score;
+- `stats.parquet`: per parameter and metric, exact statistics, the log10 histogram and the
+  max-pooled grid;
+- `meta.json`: model identity, loss, token counts, metrics, keep, histogram bins, params.
+
+Each parameter's shard is written and closed before the next is opened. This module
+needs pyarrow only, so ranking, export and plots never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from critical_weights.errors import ShardError
+
+FORMAT = "critical-weights/sensitivity/1"
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("parameter", pa.string()),
+    ("metric", pa.string()),
+    ("rank", pa.int32()),  # 1-based within (parameter, metric)
+    ("flat_index", pa.int64()),  # row * n_cols + col
+    ("row", pa.int64()),
+    ("col", pa.int64()),
+    ("score", pa.float32()),
+    ("weight", pa.float32()),
+    ("gradient", pa.float32()),  # dL/dw, float32
+    ("token", pa.string()),  # decoded token of the row, for embedding and output-head rows
+])
+
+STATS_SCHEMA = pa.schema([
+    ("param_index", pa.int32()),  # position in named_parameters() among scored parameters
+    ("parameter", pa.string()),
+    ("shape", pa.list_(pa.int64())),
+    ("n_rows", pa.int64()),
+    ("n_cols", pa.int64()),
+    ("token_rows", pa.bool_()),  # rows are token ids (embedding or output head)
+    ("metric", pa.string()),
+    ("count", pa.int64()),
+    ("sum", pa.float64()),
+    ("mean", pa.float64()),
+    ("std", pa.float64()),
+    ("min", pa.float64()),
+    ("max", pa.float64()),
+    ("zeros", pa.int64()),
+    ("negatives", pa.int64()),
+    ("hist", pa.list_(pa.int64())),  # positive scores per log10 bin, see meta.json
+    ("grid_rows", pa.int32()),
+    ("grid_cols", pa.int32()),
+    ("grid", pa.list_(pa.float32())),  # (grid_rows, grid_cols) row-major, max-pooled
+])
+
+DENSE_SCHEMA = pa.schema([
+    ("parameter", pa.string()),
+    ("metric", pa.string()),
+    ("flat_index", pa.int64()),
+    ("score", pa.float32()),
+])
+
+
+def shard_name(param_index: int, parameter: str) -> str:
+    return f"{param_index:04d}-{parameter}.parquet"
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="zstd")
+
+
+def write_candidates(folder: Path, param_index: int, parameter: str, columns: dict[str, Any]) -> None:
+    """One parameter's candidates of every metric (columns as in CANDIDATE_SCHEMA, less parameter)."""
+    n = len(columns["metric"])
+    table = pa.table({"parameter": [parameter] * n, **columns}, schema=CANDIDATE_SCHEMA)
+    (folder / "candidates").mkdir(parents=True, exist_ok=True)
+    _write(table, folder / "candidates" / shard_name(param_index, parameter))
+
+
+def write_dense(folder: Path, param_index: int, parameter: str, metric_scores: dict[str, np.ndarray]) -> None:
+    """Every score of one parameter, metric by metric, in flat-index order."""
+    parts = []
+    for metric, scores in metric_scores.items():
+        n = len(scores)
+        parts.append(pa.table({
+            "parameter": pa.array([parameter] * n, pa.string()),
+            "metric": pa.array([metric] * n, pa.string()),
+            "flat_index": pa.array(np.arange(n, dtype=np.int64)),
+            "score": pa.array(scores.astype(np.float32)),
+        }, schema=DENSE_SCHEMA))
+    (folder / "dense").mkdir(parents=True, exist_ok=True)
+    _write(pa.concat_tables(parts), folder / "dense" / shard_name(param_index, parameter))
+
+
+def write_stats(folder: Path, rows: list[dict[str, Any]]) -> None:
+    _write(pa.Table.from_pylist(rows, schema=STATS_SCHEMA), folder / "stats.parquet")
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True, allow_nan=False)
+    (folder / "meta.json").write_text(text + "\n", encoding="utf-8")
+
+
+def _read_table(path: Path, schema: pa.Schema, filters: list | None = None) -> pa.Table:
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing; rerun the sensitivity stage (dvc repro)")
+    try:
+        table = pq.read_table(path, filters=filters)
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(f"shard {path} is corrupt or truncated ({str(err).splitlines()[0]}); rerun dvc repro") from None
+    if not table.schema.equals(schema, check_metadata=False):
+        raise ShardError(f"shard {path} has a foreign schema, not {FORMAT}; rerun the sensitivity stage")
+    return table
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"shard {path} is missing; rerun the sensitivity stage (dvc repro)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ShardError(f"shard {path} is corrupt; rerun the sensitivity stage") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ShardError(f"shard {path} is not a {FORMAT} file")
+    return meta
+
+
+def read_stats(folder: Path) -> pa.Table:
+    return _read_table(folder / "stats.parquet", STATS_SCHEMA)
+
+
+def read_candidates(folder: Path, stats: pa.Table, metric: str) -> pa.Table:
+    """Candidates of `metric` for every parameter listed in `stats`, in parameter order."""
+    params = (stats.filter(pc.equal(stats["metric"], metric))
+              .select(["param_index", "parameter"]).to_pylist())
+    parts = [
+        _read_table(folder / "candidates" / shard_name(p["param_index"], p["parameter"]),
+                    CANDIDATE_SCHEMA, filters=[("metric", "=", metric)])
+        for p in params
+    ]
+    return pa.concat_tables(parts) if parts else CANDIDATE_SCHEMA.empty_table()
+
+
+def read_dense(folder: Path, param_index: int, parameter: str) -> pa.Table:
+    return _read_table(folder / "dense" / shard_name(param_index, parameter), DENSE_SCHEMA)
