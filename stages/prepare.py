@@ -14,7 +14,7 @@ import click
 
 from critical_weights.errors import reported
 from critical_weights.params import load_params
-from critical_weights.pipeline import run_prepare
+from critical_weights.prepare import run_prepare
 from critical_weights.progress import Timings, setup_logging
 
 

@@ -6,12 +6,17 @@ statistics, a log10 histogram and a pooled grid (see critical_weights.shards).
 Example:
 
     python stages/sensitivity.py --prepared data/prepared --out data/sensitivity
+
+Data parallel over 2 processes (gloo on CPU, nccl on GPU), same result:
+
+    torchrun --nproc_per_node 2 stages/sensitivity.py --prepared data/prepared --out data/sensitivity
 """
 
 from pathlib import Path
 
 import click
 
+from critical_weights import distributed
 from critical_weights.errors import reported
 from critical_weights.params import load_params
 from critical_weights.pipeline import run_sensitivity
@@ -28,7 +33,10 @@ def main(params_file: Path, prepared: Path, out: Path, timings_file: Path | None
     timings = Timings("sensitivity")
     with reported():
         params = load_params(params_file)
-        run_sensitivity(prepared, params, out, timings)
+        try:
+            run_sensitivity(prepared, params, out, timings)
+        finally:
+            distributed.finish()
     timings.write(timings_file)
 
 

@@ -1,6 +1,6 @@
-"""The two stages that need the model: `prepare` (tokenizer only) and `sensitivity`.
+"""The `sensitivity` stage: load the model, accumulate gradients, score every weight into shards.
 
-The stages after them (rank, export, plot) live in torch-free modules.
+The stages after it (rank, export, plot) live in torch-free modules.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from critical_weights import models, scoring, shards, texts
+from critical_weights import distributed, models, scoring, shards, texts
 from critical_weights.errors import ModelError
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
@@ -23,33 +23,11 @@ from critical_weights.sensitivity import accumulate, perplexity, scored_paramete
 log = logging.getLogger(__name__)
 
 
-def run_prepare(source: Path, params: Params, out: Path, timings: Timings) -> None:
-    """Choose and tokenise the texts; write `texts.parquet` and the tokenizer to `out`."""
-    with timings.phase("read texts"):
-        raw = texts.read_texts(source)
-    with timings.phase("load tokenizer"):
-        tokenizer = models.load_tokenizer(models.resolve_source(params.model.name), params.model)
-    with timings.phase("tokenise"):
-        prepared = texts.prepare_texts(
-            raw, params.texts.n_texts, params.texts.max_length, params.seed,
-            tokenize=lambda t: tokenizer(t)["input_ids"],
-        )
-    meta = {
-        "source": str(source),
-        "n_available": str(prepared.n_available),
-        "n_texts": str(len(prepared.texts)),
-        "n_tokens": str(sum(len(s) for s in prepared.input_ids)),
-        "text_sha256": texts.text_set_hash(prepared.input_ids),
-        "params": _json({"seed": params.seed, "texts": dataclasses.asdict(params.texts), "model.name": params.model.name}),
-    }
-    log.info("prepared %s texts, %s tokens", meta["n_texts"], meta["n_tokens"])
-    with timings.phase("write"), atomic_path(out) as tmp:
-        texts.write_prepared(tmp, prepared, meta)
-        tokenizer.save_pretrained(tmp / texts.TOKENIZER_DIR)
-
-
 def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings) -> None:
-    """Gradients over the prepared texts, then per-parameter scores into Parquet shards."""
+    """Gradients over the prepared texts, then per-parameter scores into Parquet shards.
+
+    Under `torchrun`, each process takes a share of the micro-batches; the sums are
+    all-reduced and the first process scores and writes."""
     from transformers import AutoTokenizer
 
     input_ids, prep_meta = texts.read_prepared(prepared)
@@ -57,6 +35,8 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
     with timings.phase("load model"):
         source = models.resolve_source(p_model.name)
         device, dtype = models.resolve_device(p_model)
+        distributed.init_from_env(device.type == "cuda")
+        device = distributed.local_device(device)
         model = models.load_model(source, p_model, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(prepared / texts.TOKENIZER_DIR)
         identity = models.identity(source, model, device)
@@ -76,6 +56,8 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
     if head is not None:
         token_rows.add(id(head.weight))
     avg_loss = acc.loss_sum / acc.n_tokens
+    if not distributed.is_main():
+        return  # every process holds the all-reduced sums; the first one writes them
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
         for index, (name, weight) in enumerate(progress(params_list, "scoring parameters")):
@@ -136,9 +118,3 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
     for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):
         store.pop(name, None)  # free this parameter's accumulators
     return stats
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)

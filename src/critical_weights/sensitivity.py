@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from critical_weights import distributed
 from critical_weights.batching import make_batches
 from critical_weights.errors import ModelError, NumericalError
 from critical_weights.progress import progress
@@ -209,7 +210,8 @@ def accumulate(
     if with_fisher and micro_batch_size != 1:
         log.info("fisher/taylor2 need each sequence's own gradient: running one sequence per micro-batch")
         micro_batch_size = 1
-    batches = make_batches([len(s) for s in input_ids], micro_batch_size, batch_tokens)
+    rank, world = distributed.world()
+    batches = make_batches([len(s) for s in input_ids], micro_batch_size, batch_tokens)[rank::world]
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -255,7 +257,10 @@ def accumulate(
         loss_sum=loss_sum, n_tokens=n_tokens, n_sequences=n_seq,
     )
     if with_hutchinson and with_fisher:
-        acc.fisher = _fisher_pass(model, input_ids, params, batch_tokens)
+        acc.fisher = _fisher_pass(model, input_ids, params)
+    for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):
+        distributed.all_reduce_sum(store.values())
+    acc.loss_sum = distributed.all_reduce_float(acc.loss_sum, device)
     _check_gradients(params, acc.grad)
     return acc, (norms.skipped if norms is not None else {})
 
@@ -279,8 +284,7 @@ def _hutchinson_step(
 
 
 def _fisher_pass(
-    model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
-    params: list[tuple[str, torch.nn.Parameter]], batch_tokens: int,
+    model: torch.nn.Module, input_ids: Sequence[Sequence[int]], params: list[tuple[str, torch.nn.Parameter]],
 ) -> dict[str, torch.Tensor]:
     """Fisher diagonal in its own pass (used when hutchinson already owns the main pass)."""
     device = params[0][1].device
@@ -288,7 +292,8 @@ def _fisher_pass(
         p.requires_grad_(True)
     sink = _GradSink(params, with_fisher=True, n_sequences=len(input_ids))
     try:
-        for b, i in enumerate(progress(range(len(input_ids)), "fisher: per-sequence backward")):
+        rank, world = distributed.world()
+        for b, i in enumerate(progress(range(rank, len(input_ids), world), "fisher: per-sequence backward")):
             ids, mask = _pad([list(input_ids[i])], device)
             loss = token_loss_sum(model, ids, mask)
             _check_finite(loss, b)

@@ -1,0 +1,40 @@
+"""The `prepare` stage: choose and tokenise the texts with the model's own tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from critical_weights import models, texts
+from critical_weights.outputs import atomic_path
+from critical_weights.params import Params
+from critical_weights.progress import Timings
+
+log = logging.getLogger(__name__)
+
+
+def run_prepare(source: Path, params: Params, out: Path, timings: Timings) -> None:
+    """Choose and tokenise the texts; write `texts.parquet` and the tokenizer to `out`."""
+    with timings.phase("read texts"):
+        raw = texts.read_texts(source)
+    with timings.phase("load tokenizer"):
+        tokenizer = models.load_tokenizer(models.resolve_source(params.model.name), params.model)
+    with timings.phase("tokenise"):
+        prepared = texts.prepare_texts(
+            raw, params.texts.n_texts, params.texts.max_length, params.seed,
+            tokenize=lambda t: tokenizer(t)["input_ids"],
+        )
+    meta = {
+        "source": str(source),
+        "n_available": str(prepared.n_available),
+        "n_texts": str(len(prepared.texts)),
+        "n_tokens": str(sum(len(s) for s in prepared.input_ids)),
+        "text_sha256": texts.text_set_hash(prepared.input_ids),
+        "params": json.dumps({"seed": params.seed, "texts": dataclasses.asdict(params.texts), "model.name": params.model.name}, sort_keys=True),
+    }
+    log.info("prepared %s texts, %s tokens", meta["n_texts"], meta["n_tokens"])
+    with timings.phase("write"), atomic_path(out) as tmp:
+        texts.write_prepared(tmp, prepared, meta)
+        tokenizer.save_pretrained(tmp / texts.TOKENIZER_DIR)
