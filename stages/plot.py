@@ -1,11 +1,13 @@
-"""Plot the score distribution, the per-block comparison and the heatmap.
+"""Plot the score distribution, the per-block comparison, the heatmap and metric agreement.
 
 Writes OUT/sensitivity_distribution.png, layer_comparison.png, sensitivity_heatmap.png,
+metric_overlap.png,
 and the CSVs behind DVC's `plots:` (layer_comparison.csv, score_histogram.csv).
 
 Example:
 
-    python stages/plot.py --sensitivity data/sensitivity --ranked data/ranked --out reports/plots
+    python stages/plot.py --sensitivity data/sensitivity --ranked data/ranked \\
+        --overlap reports/metric_overlap.json --out reports/plots
 """
 
 from pathlib import Path
@@ -24,14 +26,15 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--params", "params_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="params.yaml", show_default=True)
 @click.option("--sensitivity", type=_DIR, required=True, help="Output of sensitivity.")
 @click.option("--ranked", type=_DIR, required=True, help="Output of rank.")
+@click.option("--overlap", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="metric_overlap.json from export.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the plots.")
 @click.option("--timings", "timings_file", type=click.Path(path_type=Path), help="Untracked JSON file for per-phase seconds.")
-def main(params_file: Path, sensitivity: Path, ranked: Path, out: Path, timings_file: Path | None) -> None:
+def main(params_file: Path, sensitivity: Path, ranked: Path, overlap: Path, out: Path, timings_file: Path | None) -> None:
     setup_logging()
     timings = Timings("plot")
     with reported(), timings.phase("plot"):
         params = load_params(params_file)
-        run_plot(sensitivity, ranked, out, params.plot)
+        run_plot(sensitivity, ranked, overlap, out, params.plot)
     timings.write(timings_file)
 
 

@@ -13,8 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from critical_weights import __version__, shards
+from critical_weights.overlap import metric_overlap
+from critical_weights.params import RankParams
 from critical_weights.outputs import write_json, write_text
-from critical_weights.ranking import block_of, component_of, read_ranked
+from critical_weights.ranking import block_of, component_of, rank_every_metric, read_ranked
 
 CSV_COLUMNS = ("rank", "parameter", "block", "component", "row", "col", "flat_index",
                "score", "weight", "gradient", "metric", "token")
@@ -90,7 +92,8 @@ def concentration(ranked: pa.Table) -> dict[str, Any]:
 
 
 def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Path) -> None:
-    """Write critical_weights.csv, sensitivity_stats.json, manifest.json and metrics.json."""
+    """Write critical_weights.csv, sensitivity_stats.json, metric_overlap.json, manifest.json
+    and metrics.json."""
     from critical_weights.texts import read_prepared_meta
 
     meta = shards.read_meta(sensitivity)
@@ -110,6 +113,11 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
         "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,
         "parameters": parameter_stats(stats), "concentration": concentration(ranked),
         "wanda_skipped": meta.get("wanda_skipped", {}),
+    })
+    rank_params = RankParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in rank_info["rank"].items()})
+    write_json(reports / "metric_overlap.json", {
+        "rank": rank_info["rank"], "metrics": meta["metrics"],
+        "pairs": metric_overlap(rank_every_metric(sensitivity, rank_params)),
     })
     prep_meta = read_prepared_meta(prepared)
     write_json(reports / "manifest.json", {

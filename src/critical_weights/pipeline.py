@@ -31,7 +31,7 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
     from transformers import AutoTokenizer
 
     input_ids, prep_meta = texts.read_prepared(prepared)
-    p_model, p_sens = params.model, params.sensitivity
+    p_model = params.model
     with timings.phase("load model"):
         source = models.resolve_source(p_model.name)
         device, dtype = models.resolve_device(p_model)
@@ -43,6 +43,14 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
     vocab = model.get_input_embeddings().weight.shape[0]
     if max(max(s) for s in input_ids) >= vocab:
         raise ModelError(f"model.name: the prepared token ids exceed {source.name}'s vocabulary of {vocab}; rerun prepare")
+    extra = {"model": identity, "text_sha256": prep_meta.get("text_sha256"), "prepare": prep_meta}
+    compute_shards(model, tokenizer, input_ids, params, out, timings, extra)
+
+
+def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[int]], params: Params,
+                   out: Path, timings: Timings, extra_meta: dict[str, Any]) -> None:
+    """The work after loading: accumulate over the texts, score every parameter, write shards."""
+    p_sens = params.sensitivity
     params_list = scored_parameters(model, p_sens.parameters)
     with timings.phase("forward+backward"):
         acc, skipped = accumulate(
@@ -65,44 +73,53 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
                                       tokenizer if id(weight) in token_rows else None)
         shards.write_stats(tmp, stats)
         shards.write_meta(tmp, {
-            "model": identity,
+            **extra_meta,
             "loss_sum": acc.loss_sum, "avg_loss": avg_loss, "perplexity": perplexity(avg_loss),
             "n_tokens": acc.n_tokens, "n_sequences": acc.n_sequences,
             "n_parameters": len(params_list), "n_weights": sum(w.numel() for _, w in params_list),
             "metrics": list(p_sens.metrics), "keep": p_sens.keep, "parameters": p_sens.parameters,
             "wanda_skipped": skipped if "wanda" in p_sens.metrics else {},
             "hist_log10_edges": {"low": scoring.HIST_LOW, "high": scoring.HIST_HIGH, "per_decade": scoring.HIST_PER_DECADE},
-            "text_sha256": prep_meta.get("text_sha256"),
-            "params": {"seed": params.seed, "model": dataclasses.asdict(p_model), "sensitivity": dataclasses.asdict(p_sens)},
-            "prepare": prep_meta,
+            "params": {"seed": params.seed, "model": dataclasses.asdict(params.model), "sensitivity": dataclasses.asdict(p_sens)},
         })
     log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
 
 
+def _columns(metric: str, index: np.ndarray, score: np.ndarray, w_flat: torch.Tensor, g_flat: torch.Tensor,
+             n_cols: int, tokenizer: Any) -> dict[str, list]:
+    """Candidate rows (CANDIDATE_SCHEMA, less parameter) for flat indices `index`, in order."""
+    idx = torch.from_numpy(index).to(w_flat.device)
+    rows = (index // n_cols).tolist()
+    return {
+        "metric": [metric] * len(index),
+        "rank": list(range(1, len(index) + 1)),
+        "flat_index": index.tolist(),
+        "row": rows,
+        "col": (index % n_cols).tolist(),
+        "score": score.tolist(),
+        "weight": w_flat[idx].float().cpu().tolist(),
+        "gradient": g_flat[idx].cpu().tolist(),
+        "token": [tokenizer.decode([r]) for r in rows] if tokenizer is not None else [None] * len(index),
+    }
+
+
 def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, acc, params: Params,
                      skipped: dict[str, str], tokenizer: Any) -> list[dict[str, Any]]:
-    """Score one parameter with every metric, write its shard(s), return its stats rows."""
+    """Score one parameter with every metric, write its shards, return its stats rows."""
     n_rows, n_cols = scoring.as_matrix(weight).shape
     w_flat = weight.detach().reshape(-1)
     g_flat = acc.grad[name].reshape(-1)
-    columns: dict[str, list] = {k: [] for k in ("metric", "rank", "flat_index", "row", "col", "score", "weight", "gradient", "token")}
+    top: dict[str, list] = {}
+    bottom: dict[str, list] = {}
     stats, dense = [], {}
     for metric in params.sensitivity.metrics:
         if metric == "wanda" and name in skipped:
             continue
         scores: list[np.ndarray] | None = [] if params.sensitivity.dense else None
         s = scoring.summarise(metric, name, weight, acc, params.sensitivity.keep, scores)
-        idx = torch.from_numpy(s.top_index).to(weight.device)
-        rows = (s.top_index // n_cols).tolist()
-        columns["metric"] += [metric] * len(idx)
-        columns["rank"] += list(range(1, len(idx) + 1))
-        columns["flat_index"] += s.top_index.tolist()
-        columns["row"] += rows
-        columns["col"] += (s.top_index % n_cols).tolist()
-        columns["score"] += s.top_score.tolist()
-        columns["weight"] += w_flat[idx].float().cpu().tolist()
-        columns["gradient"] += g_flat[idx].cpu().tolist()
-        columns["token"] += [tokenizer.decode([r]) for r in rows] if tokenizer is not None else [None] * len(idx)
+        for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
+            for key, values in _columns(metric, i, v, w_flat, g_flat, n_cols, tokenizer).items():
+                store.setdefault(key, []).extend(values)
         stats.append({
             "param_index": index, "parameter": name, "shape": list(weight.shape),
             "n_rows": n_rows, "n_cols": n_cols, "token_rows": tokenizer is not None, "metric": metric,
@@ -112,7 +129,9 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
         })
         if scores is not None:
             dense[metric] = np.concatenate(scores)
-    shards.write_candidates(folder, index, name, columns)
+    if stats:
+        shards.write_candidates(folder, index, name, top)
+        shards.write_candidates(folder, index, name, bottom, kind="bottom")
     if dense:
         shards.write_dense(folder, index, name, dense)
     for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):

@@ -6,6 +6,7 @@ saves them. All data come from the exact statistics in the shards, never from a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +19,7 @@ import pyarrow.compute as pc  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from critical_weights import shards  # noqa: E402
-from critical_weights.outputs import atomic_path  # noqa: E402
+from critical_weights.outputs import atomic_path, write_text  # noqa: E402
 from critical_weights.params import PlotParams  # noqa: E402
 from critical_weights.ranking import block_of, component_of, read_ranked  # noqa: E402
 
@@ -123,6 +124,35 @@ def heatmap_figure(rows: list[dict], stat: str, metric: str, grid: np.ndarray, g
     return fig
 
 
+def overlap_figure(overlap: dict) -> Figure:
+    """Jaccard index of the critical sets for every pair of metrics, Spearman in each cell."""
+    metrics = overlap["metrics"]
+    n = len(metrics)
+    jac = np.eye(n)
+    labels = [["1" for _ in metrics] for _ in metrics]
+    for i, a in enumerate(metrics):
+        for j, b in enumerate(metrics):
+            pair = overlap["pairs"].get(f"{a} vs {b}")
+            if pair is None:
+                continue
+            jac[i, j] = jac[j, i] = pair["jaccard"]
+            rho = "n/a" if pair["spearman"] is None else f"{pair['spearman']:.2f}"
+            labels[i][j] = labels[j][i] = f"J {pair['jaccard']:.2f}\nρ {rho}"
+    fig, ax = plt.subplots(figsize=(1.6 * n + 3, 1.3 * n + 2))
+    im = ax.imshow(jac, vmin=0, vmax=1, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9,
+                    color="white" if jac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), metrics, rotation=30, ha="right")
+    ax.set_yticks(range(n), metrics)
+    rank = overlap["rank"]
+    ax.set_title(f"Agreement of critical sets ({rank['mode']}, k={rank['k']})\nJaccard index; ρ = Spearman of shared ranks")
+    fig.colorbar(im, ax=ax, label="Jaccard index")
+    fig.tight_layout()
+    return fig
+
+
 def _csv(header: list[str], rows: list[list]) -> str:
     def fmt(v: object) -> str:
         return format(v, ".9g") if isinstance(v, float) else ("" if v is None else str(v))
@@ -130,8 +160,8 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return "\n".join([",".join(header)] + [",".join(fmt(v) for v in row) for row in rows]) + "\n"
 
 
-def run_plot(sensitivity: Path, ranked_dir: Path, out: Path, params: PlotParams) -> None:
-    """Write the three PNGs and the CSVs behind DVC's `plots:` into `out`."""
+def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path, params: PlotParams) -> None:
+    """Write the PNGs and the CSVs behind DVC's `plots:` into `out`, each atomically."""
     meta = shards.read_meta(sensitivity)
     stats = shards.read_stats(sensitivity)
     ranked, info = read_ranked(ranked_dir)
@@ -148,6 +178,7 @@ def run_plot(sensitivity: Path, ranked_dir: Path, out: Path, params: PlotParams)
         "sensitivity_distribution.png": distribution_figure(edges, counts, zeros, negatives, threshold, metric, label),
         "layer_comparison.png": layer_comparison_figure(rows, metric),
         "sensitivity_heatmap.png": heatmap_figure(rows, params.heatmap_stat, metric, grid, top["parameter"]),
+        "metric_overlap.png": overlap_figure(json.loads(overlap_file.read_text(encoding="utf-8"))),
     }
     comps = _components(rows)
     by_block: dict[int, dict[str, float]] = {}
@@ -155,12 +186,11 @@ def run_plot(sensitivity: Path, ranked_dir: Path, out: Path, params: PlotParams)
         if r["block"] is not None:
             by_block.setdefault(r["block"], {})[r["component"]] = r["max"]
     centers = (edges[:-1] + edges[1:]) / 2
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for name, fig in figures.items():
-            fig.savefig(tmp / name, dpi=params.dpi, metadata={"Software": None})
-            plt.close(fig)
-        (tmp / "layer_comparison.csv").write_text(
-            _csv(["block", *comps], [[b, *(by_block[b].get(c) for c in comps)] for b in sorted(by_block)]), encoding="utf-8")
-        (tmp / "score_histogram.csv").write_text(
-            _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]), encoding="utf-8")
+    for name, fig in figures.items():
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, dpi=params.dpi, metadata={"Software": None}, format="png")
+        plt.close(fig)
+    write_text(out / "layer_comparison.csv",
+               _csv(["block", *comps], [[b, *(by_block[b].get(c) for c in comps)] for b in sorted(by_block)]))
+    write_text(out / "score_histogram.csv",
+               _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))

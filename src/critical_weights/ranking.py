@@ -86,29 +86,41 @@ def rank_candidates(candidates: pa.Table, param_index: dict[str, int], mode: str
     return table.append_column("group", pa.array([group_names[g] for g in g_sorted[keep]], pa.string()))
 
 
-def run_rank(sensitivity: Path, params: RankParams, out: Path) -> None:
-    """Read the shards, rank, and write `critical.parquet` and `meta.json` to `out`."""
+def rank_metric(sensitivity: Path, params: RankParams, metric: str | None = None) -> pa.Table:
+    """The ranked critical weights of `metric` (default `params.metric`) from the shards."""
+    metric = metric or params.metric
     meta = shards.read_meta(sensitivity)
-    if params.metric not in meta["metrics"]:
+    if metric not in meta["metrics"]:
         raise ShardError(
-            f"rank.metric: {params.metric!r} is not in the shards; they hold {', '.join(meta['metrics'])} "
+            f"rank.metric: {metric!r} is not in the shards; they hold {', '.join(meta['metrics'])} "
             "(add it to sensitivity.metrics)"
         )
     if params.k > meta["keep"]:
         raise ShardError(f"rank.k: {params.k} exceeds the shards' sensitivity.keep {meta['keep']}; raise sensitivity.keep")
     stats = shards.read_stats(sensitivity)
-    stats = stats.filter(pc.equal(stats["metric"], params.metric))
+    stats = stats.filter(pc.equal(stats["metric"], metric))
     names = stats["parameter"].to_pylist()
     chosen = set(select_parameters(names, params.include, params.exclude))
     stats = stats.filter(pa.array([n in chosen for n in names]))
-    candidates = shards.read_candidates(sensitivity, stats, params.metric)
+    candidates = shards.read_candidates(sensitivity, stats, metric)
     param_index = dict(zip(stats["parameter"].to_pylist(), stats["param_index"].to_pylist()))
-    ranked = rank_candidates(candidates, param_index, params.mode, params.k)
+    return rank_candidates(candidates, param_index, params.mode, params.k)
+
+
+def rank_every_metric(sensitivity: Path, params: RankParams) -> dict[str, pa.Table]:
+    """The same ranking (mode, k, include, exclude) for every metric the shards hold."""
+    return {m: rank_metric(sensitivity, params, m) for m in shards.read_meta(sensitivity)["metrics"]}
+
+
+def run_rank(sensitivity: Path, params: RankParams, out: Path) -> None:
+    """Read the shards, rank, and write `critical.parquet` and `meta.json` to `out`."""
+    ranked = rank_metric(sensitivity, params)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         pq.write_table(ranked, tmp / RANKED_FILE, compression="zstd")
         info: dict[str, Any] = {"rank": asdict(params), "n_ranked": ranked.num_rows,
-                                "n_groups": len(set(ranked["group"].to_pylist())), "parameters": sorted(chosen)}
+                                "n_groups": len(set(ranked["group"].to_pylist())),
+                                "parameters": sorted(set(ranked["parameter"].to_pylist()))}
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

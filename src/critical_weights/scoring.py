@@ -1,7 +1,7 @@
 """Per-weight scores and their exact summaries, computed on the model's device in row chunks.
 
 For each parameter and metric this yields the top-`keep` candidates (ties broken by flat
-index, ascending), exact statistics, a fixed log10-binned histogram and a max-pooled grid.
+index, ascending), the `keep` least sensitive weights (for validation controls), exact statistics, a fixed log10-binned histogram and a max-pooled grid.
 Nothing here loops over elements in Python.
 """
 
@@ -84,6 +84,8 @@ class Summary:
 
     top_index: np.ndarray  # (k,) int64 flat indices, best first
     top_score: np.ndarray  # (k,) float32
+    bottom_index: np.ndarray  # (k,) int64 flat indices of the least sensitive, least first
+    bottom_score: np.ndarray  # (k,) float32
     count: int
     total: float
     mean: float
@@ -111,6 +113,8 @@ class _Running:
         self.keep = keep
         self.cand_v: list[torch.Tensor] = []
         self.cand_i: list[torch.Tensor] = []
+        self.low_v: list[torch.Tensor] = []  # negated scores of the least sensitive
+        self.low_i: list[torch.Tensor] = []
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.total = 0.0  # float64 on the host
         self.lo, self.hi = torch.tensor(np.inf, device=device), torch.tensor(-np.inf, device=device)
@@ -130,6 +134,9 @@ class _Running:
         v, i = top_k_stable(flat, index, self.keep)
         self.cand_v.append(v)
         self.cand_i.append(i)
+        v, i = top_k_stable(flat.neg(), index, self.keep)  # smallest scores, ties by index
+        self.low_v.append(v)
+        self.low_i.append(i)
         n_c = flat.numel()
         # float32 sums within rows, float64 across rows: accurate and fast on every device
         mean_c = float(s.sum(dim=1).double().sum()) / n_c
@@ -153,8 +160,10 @@ class _Running:
 
     def finish(self) -> Summary:
         v, i = top_k_stable(torch.cat(self.cand_v), torch.cat(self.cand_i), self.keep)
+        low_v, low_i = top_k_stable(torch.cat(self.low_v), torch.cat(self.low_i), self.keep)
         return Summary(
             top_index=i.cpu().numpy(), top_score=v.cpu().numpy(),
+            bottom_index=low_i.cpu().numpy(), bottom_score=low_v.neg().cpu().numpy(),
             count=self.n, total=self.total, mean=self.mean,
             std=float(np.sqrt(self.m2 / self.n)) if self.n else 0.0,
             minimum=float(self.lo), maximum=float(self.hi),

@@ -3,6 +3,8 @@
 Layout of the folder:
 - `candidates/NNNN-<parameter>.parquet`: per parameter, the top `keep` candidates of every
   metric, metric by metric in params order, best first (ties by flat index);
+- `bottom/NNNN-<parameter>.parquet`: likewise the `keep` least sensitive weights, least
+  first (the `bottom_k` control of validation);
 - `dense/NNNN-<parameter>.parquet` (only with `sensitivity.dense`): every score;
 - `stats.parquet`: per parameter and metric, exact statistics, the log10 histogram and the
   max-pooled grid;
@@ -78,12 +80,16 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def write_candidates(folder: Path, param_index: int, parameter: str, columns: dict[str, Any]) -> None:
+KINDS = ("candidates", "bottom")  # most and least sensitive
+
+
+def write_candidates(folder: Path, param_index: int, parameter: str, columns: dict[str, Any],
+                     kind: str = "candidates") -> None:
     """One parameter's candidates of every metric (columns as in CANDIDATE_SCHEMA, less parameter)."""
     n = len(columns["metric"])
     table = pa.table({"parameter": [parameter] * n, **columns}, schema=CANDIDATE_SCHEMA)
-    (folder / "candidates").mkdir(parents=True, exist_ok=True)
-    _write(table, folder / "candidates" / shard_name(param_index, parameter))
+    (folder / kind).mkdir(parents=True, exist_ok=True)
+    _write(table, folder / kind / shard_name(param_index, parameter))
 
 
 def write_dense(folder: Path, param_index: int, parameter: str, metric_scores: dict[str, np.ndarray]) -> None:
@@ -139,12 +145,14 @@ def read_stats(folder: Path) -> pa.Table:
     return _read_table(folder / "stats.parquet", STATS_SCHEMA)
 
 
-def read_candidates(folder: Path, stats: pa.Table, metric: str) -> pa.Table:
-    """Candidates of `metric` for every parameter listed in `stats`, in parameter order."""
+def read_candidates(folder: Path, stats: pa.Table, metric: str, kind: str = "candidates") -> pa.Table:
+    """Candidates of `metric` for every parameter listed in `stats`, in parameter order.
+
+    `kind` is `candidates` (most sensitive first) or `bottom` (least sensitive first)."""
     params = (stats.filter(pc.equal(stats["metric"], metric))
               .select(["param_index", "parameter"]).to_pylist())
     parts = [
-        _read_table(folder / "candidates" / shard_name(p["param_index"], p["parameter"]),
+        _read_table(folder / kind / shard_name(p["param_index"], p["parameter"]),
                     CANDIDATE_SCHEMA, filters=[("metric", "=", metric)])
         for p in params
     ]
