@@ -51,6 +51,9 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
                    out: Path, timings: Timings, extra_meta: dict[str, Any]) -> None:
     """The work after loading: accumulate over the texts, score every parameter, write shards."""
     p_sens = params.sensitivity
+    if "hutchinson" in p_sens.metrics:
+        # Hessian-vector products need double backward, which fused SDPA kernels lack
+        model.set_attn_implementation("eager")
     params_list = scored_parameters(model, p_sens.parameters)
     with timings.phase("forward+backward"):
         acc, skipped = accumulate(
