@@ -18,6 +18,7 @@ import click
 
 from critical_weights import distributed
 from critical_weights.errors import reported
+from critical_weights.models import resolve_device
 from critical_weights.params import load_params
 from critical_weights.pipeline import run_sensitivity
 from critical_weights.progress import Timings, setup_logging
@@ -33,6 +34,7 @@ def main(params_file: Path, prepared: Path, out: Path, timings_file: Path | None
     timings = Timings("sensitivity")
     with reported():
         params = load_params(params_file)
+        resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
         try:
             run_sensitivity(prepared, params, out, timings)
         finally:

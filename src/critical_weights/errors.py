@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 
 import click
@@ -36,12 +37,60 @@ class NumericalError(CriticalWeightsError):
     """A loss or gradient is NaN or infinite."""
 
 
+class ResourceError(CriticalWeightsError):
+    """The machine ran out of something (device memory, say) that smaller settings would need less of."""
+
+
+def out_of_memory(micro_batch_size: int, batch_tokens: int, longest: int) -> ResourceError:
+    """What to say when forward+backward runs out of device memory, with settings to try."""
+    now = f"sensitivity.micro_batch_size {micro_batch_size}, sensitivity.batch_tokens {batch_tokens}"
+    if micro_batch_size > 1 or (batch_tokens and batch_tokens > longest):
+        half = max(1, micro_batch_size // 2)
+        budget = max(longest, (batch_tokens or micro_batch_size * longest) // 2)
+        return ResourceError(
+            f"out of device memory in forward+backward ({now}); lower sensitivity.micro_batch_size "
+            f"(try {half}) or set sensitivity.batch_tokens (try {budget})"
+        )
+    return ResourceError(
+        f"out of device memory in forward+backward even for one sequence of {longest} tokens ({now}); "
+        "lower texts.max_length, use model.dtype bfloat16, or spread the model with model.device_map auto"
+    )
+
+
+# OSErrors that the machine, not the code, causes: reported in one line, not as a traceback
+_MACHINE_ERRNOS = {
+    errno.ENOSPC: "free some space and rerun",
+    errno.EDQUOT: "free some space and rerun",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+}
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """Turn library errors into `Error: ...` with exit status 1; real bugs keep tracebacks."""
+    """Turn library errors into `Error: ...` with exit status 1; real bugs keep tracebacks.
+
+    Ctrl-C and a full or read-only disk also end in one line: the outputs are written
+    atomically (see outputs.atomic_path), so none is left half-written."""
     try:
         yield
     except ParamsError as err:
         raise click.ClickException("invalid params.yaml: " + "; ".join(err.problems)) from None
     except CriticalWeightsError as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; no output was left half-written") from None
+    except OSError as err:
+        if err.errno not in _MACHINE_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        raise click.ClickException(
+            f"{where}{err.strerror}; {_MACHINE_ERRNOS[err.errno]} (no output was left half-written)"
+        ) from None

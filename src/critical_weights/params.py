@@ -8,13 +8,14 @@ suggested.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from critical_weights.errors import ParamsError
+from critical_weights.errors import ParamsError, first_line
 
 METRICS = ("grad_x_weight", "gradient", "magnitude", "fisher", "taylor2", "hutchinson", "wanda")
 RANK_MODES = ("per_layer", "per_block", "per_component", "global")
@@ -91,6 +92,34 @@ class Params:
     validate: ValidateParams = ValidateParams()
 
 
+_REPR = reprlib.Repr()  # bounded: a huge or aliased (billion laughs) value prints short
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 6, 6, 6
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+SECTIONS = ("seed", "texts", "model", "sensitivity", "rank", "plot", "validate")
+
+
+def _show(value: Any) -> str:
+    """A value as it appears in a message: repr, one line, bounded however large or nested."""
+    return _REPR.repr(value)
+
+
+def _name(key: Any) -> str:
+    """A key as it appears in a message: itself when printable and short, else its repr."""
+    return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60 else _show(key)
+
+
+class _Problems(list):
+    """Problem messages, and the dotted keys (or whole sections) whose value was refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: set[str] = set()
+
+    def fine(self, *keys: str) -> bool:
+        """None of `keys`, nor the section holding it, was refused: cross-checks may use them."""
+        return not any(k in self.bad or k.split(".")[0] in self.bad for k in keys)
+
+
 class _Section:
     """Reads one mapping of params.yaml, recording problems instead of raising."""
 
@@ -99,12 +128,21 @@ class _Section:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            problems.append(f"{prefix}: {raw!r} is not a mapping")
+            getattr(problems, "bad", set()).add(prefix)
+            if prefix:
+                problems.append(f"{prefix}: {_show(raw)} is not a mapping")
+            else:
+                problems.append(f"top level: {_show(raw)} is not a mapping; expected the sections {', '.join(SECTIONS)}")
             raw = {}
         self.raw, self.seen = raw, set()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}.{key}" if self.prefix else key
+
+    def _fail(self, key: str, message: str) -> None:
+        """Record that `key` was refused, and why (message follows "section.key: ")."""
+        self.problems.append(f"{self._key(key)}: {message}")
+        getattr(self.problems, "bad", set()).add(self._key(key))
 
     def get(self, key: str, default: Any) -> tuple[Any, bool]:
         self.seen.add(key)
@@ -115,11 +153,11 @@ class _Section:
         if not given:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            self.problems.append(f"{self._key(key)}: {value!r} is not an integer")
+            self._fail(key, f"{_show(value)} is not an integer")
             return default
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            self.problems.append(f"{self._key(key)}: {value!r} must be an integer {bounds}")
+            self._fail(key, f"{_show(value)} must be an integer {bounds}")
             return default
         return value
 
@@ -128,28 +166,28 @@ class _Section:
         if not given:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum:
-            self.problems.append(f"{self._key(key)}: {value!r} must be a number between {minimum} and {maximum}")
+            self._fail(key, f"{_show(value)} must be a number between {minimum} and {maximum}")
             return default
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
         value, given = self.get(key, default)
         if given and not isinstance(value, bool):
-            self.problems.append(f"{self._key(key)}: {value!r} must be true or false")
+            self._fail(key, f"{_show(value)} must be true or false")
             return default
         return value
 
     def string(self, key: str, default: str) -> str:
         value, given = self.get(key, default)
         if given and (not isinstance(value, str) or not value.strip()):
-            self.problems.append(f"{self._key(key)}: {value!r} must be a non-empty string")
+            self._fail(key, f"{_show(value)} must be a non-empty string")
             return default
         return value
 
     def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
         value, given = self.get(key, default)
         if given and value not in allowed:
-            self.problems.append(f"{self._key(key)}: {value!r} is not one of {', '.join(allowed)}")
+            self._fail(key, f"{_show(value)} is not one of {', '.join(allowed)}")
             return default
         return value
 
@@ -159,17 +197,17 @@ class _Section:
         if not given:
             return default
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            self.problems.append(f"{self._key(key)}: {value!r} must be a list of strings")
+            self._fail(key, f"{_show(value)} must be a list of strings")
             return default
         bad = [v for v in value if allowed is not None and v not in allowed]
         if bad:
-            self.problems.append(f"{self._key(key)}: {', '.join(map(repr, bad))} not one of {', '.join(allowed)}")
+            self._fail(key, f"{', '.join(map(_show, bad))} not one of {', '.join(allowed)}")
             return default
         if allowed is not None and not value:
-            self.problems.append(f"{self._key(key)}: [] must name at least one of {', '.join(allowed)}")
+            self._fail(key, f"[] must name at least one of {', '.join(allowed)}")
             return default
         if len(set(value)) != len(value):
-            self.problems.append(f"{self._key(key)}: {value!r} repeats an entry")
+            self._fail(key, f"{_show(value)} repeats an entry")
             return default
         return tuple(value)
 
@@ -181,7 +219,7 @@ class _Section:
             isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
         )
         if not ok:
-            self.problems.append(f"{self._key(key)}: {value!r} must be a non-empty list of integers >= {minimum}")
+            self._fail(key, f"{_show(value)} must be a non-empty list of integers >= {minimum}")
             return default
         return tuple(sorted(set(value)))
 
@@ -190,8 +228,8 @@ class _Section:
         for key in self.raw:
             if key in self.seen:
                 continue
-            name = self._key(str(key))
-            close = difflib.get_close_matches(str(key), sorted(self.seen), n=1)
+            name = self._key(_name(key))
+            close = difflib.get_close_matches(str(key)[:100], sorted(self.seen), n=1)
             hint = f" (did you mean {self._key(close[0])}?)" if close else ""
             allowed = ", ".join(sorted(self.seen))
             self.problems.append(f"{name}: unknown key{hint}; known keys here are {allowed}")
@@ -264,7 +302,7 @@ def _validate(raw: Any, problems: list[str]) -> ValidateParams:
     s, d = _Section(raw, "validate", problems), ValidateParams()
     bit, given = s.get("bit", d.bit)
     if given and not (bit in ("sign", "exponent_msb") or (isinstance(bit, int) and not isinstance(bit, bool) and 0 <= bit < 32)):
-        problems.append(f"validate.bit: {bit!r} is not one of sign, exponent_msb, or a bit index 0..31")
+        problems.append(f"validate.bit: {_show(bit)} is not one of sign, exponent_msb, or a bit index 0..31")
         bit = d.bit
     out = ValidateParams(
         perturbations=s.choices("perturbations", d.perturbations, PERTURBATIONS),
@@ -280,7 +318,7 @@ def _validate(raw: Any, problems: list[str]) -> ValidateParams:
 
 def parse_params(raw: Any) -> Params:
     """Build Params from the parsed YAML, or raise ParamsError naming every problem."""
-    problems: list[str] = []
+    problems = _Problems()
     top = _Section(raw, "", problems)
     params = Params(
         seed=top.integer("seed", Params.seed, minimum=0, maximum=2**32 - 1),
@@ -292,41 +330,77 @@ def parse_params(raw: Any) -> Params:
         validate=_validate(top.get("validate", None)[0], problems),
     )
     top.finish()
-    problems.extend(_cross_checks(params))
+    problems.extend(_cross_checks(params, problems))
     if problems:
         raise ParamsError(problems)
     return params
 
 
-def _cross_checks(p: Params) -> list[str]:
-    """Rules that join two sections."""
+def _cross_checks(p: Params, found: _Problems) -> list[str]:
+    """Rules that join two sections, checked only between values that were not refused
+    (a refused value stands in as its default, which the user never wrote)."""
     problems = []
-    if p.rank.metric not in p.sensitivity.metrics:
+    if found.fine("rank.metric", "sensitivity.metrics") and p.rank.metric not in p.sensitivity.metrics:
         problems.append(
             f"rank.metric: {p.rank.metric!r} is not computed; sensitivity.metrics has "
             f"{', '.join(p.sensitivity.metrics)}"
         )
-    if p.rank.k > p.sensitivity.keep:
+    if found.fine("rank.k", "sensitivity.keep") and p.rank.k > p.sensitivity.keep:
         problems.append(
             f"rank.k: {p.rank.k} exceeds sensitivity.keep {p.sensitivity.keep}; "
             "raise sensitivity.keep so the ranking stays exact"
         )
-    if max(p.validate.k_values) > p.sensitivity.keep:
+    if found.fine("validate.k_values", "sensitivity.keep") and max(p.validate.k_values) > p.sensitivity.keep:
         problems.append(
             f"validate.k_values: {max(p.validate.k_values)} exceeds sensitivity.keep {p.sensitivity.keep}"
         )
-    if p.model.device_map == "auto" and p.model.device == "cpu":
+    if found.fine("model.device_map", "model.device") and p.model.device_map == "auto" and p.model.device == "cpu":
         problems.append("model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'")
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_name(key)} appears twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem or err.context} at line {mark.line + 1}, column {mark.column + 1}"
+    return first_line(err)
+
+
 def load_params(path: Path) -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml: UTF-8 YAML whose top level maps section names to values."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        data = path.read_bytes()
     except OSError as err:
         raise ParamsError([f"{path}: cannot be read ({err.strerror})"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError([f"{path}: is not UTF-8 text (bad byte at offset {err.start})"]) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ParamsError([f"{path}: is not valid YAML ({str(err).splitlines()[0]})"]) from None
+        raise ParamsError([f"{path}: is not valid YAML ({_yaml_problem(err)})"]) from None
+    except RecursionError:
+        raise ParamsError([f"{path}: is nested too deeply to be params"]) from None
+    if raw is None:
+        raise ParamsError([f"{path}: is empty; expected a mapping of the sections {', '.join(SECTIONS)}"])
     return parse_params(raw)

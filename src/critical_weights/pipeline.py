@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from critical_weights import distributed, models, scoring, shards, texts
-from critical_weights.errors import ModelError
+from critical_weights.errors import ModelError, out_of_memory
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
 from critical_weights.progress import Timings, progress
@@ -56,10 +56,13 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         model.set_attn_implementation("eager")
     params_list = scored_parameters(model, p_sens.parameters)
     with timings.phase("forward+backward"):
-        acc, skipped = accumulate(
-            model, input_ids, params_list, p_sens.metrics, p_sens.micro_batch_size,
-            p_sens.batch_tokens, p_sens.hutchinson_probes, params.seed,
-        )
+        try:
+            acc, skipped = accumulate(
+                model, input_ids, params_list, p_sens.metrics, p_sens.micro_batch_size,
+                p_sens.batch_tokens, p_sens.hutchinson_probes, params.seed,
+            )
+        except torch.OutOfMemoryError:
+            raise out_of_memory(p_sens.micro_batch_size, p_sens.batch_tokens, max(map(len, input_ids))) from None
     for name, why in skipped.items():
         log.info("wanda skips %s: %s", name, why)
     token_rows = {id(model.get_input_embeddings().weight)}

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from critical_weights.errors import ShardError
+from critical_weights.errors import ShardError, first_line
 
 FORMAT = "critical-weights/sensitivity/1"
 
@@ -117,15 +117,22 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 
 
 def _read_table(path: Path, schema: pa.Schema, filters: list | None = None) -> pa.Table:
+    """A shard, checked to exist, to parse and to have exactly `schema` before it is filtered."""
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; rerun the sensitivity stage (dvc repro)")
     try:
-        table = pq.read_table(path, filters=filters)
+        found = pq.read_schema(path)
+        if not found.equals(schema, check_metadata=False):
+            raise ShardError(
+                f"shard {path} has a foreign schema (columns {', '.join(found.names)}), not {FORMAT}; "
+                "rerun the sensitivity stage (dvc repro)"
+            )
+        return pq.read_table(path, filters=filters)
     except (pa.ArrowException, OSError) as err:
-        raise ShardError(f"shard {path} is corrupt or truncated ({str(err).splitlines()[0]}); rerun dvc repro") from None
-    if not table.schema.equals(schema, check_metadata=False):
-        raise ShardError(f"shard {path} has a foreign schema, not {FORMAT}; rerun the sensitivity stage")
-    return table
+        raise ShardError(f"shard {path} is corrupt or truncated ({first_line(err)}); rerun the sensitivity stage (dvc repro)") from None
+
+
+META_KEYS = {"metrics": list, "keep": int, "params": dict, "hist_log10_edges": dict}  # what readers rely on
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -134,10 +141,13 @@ def read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShardError(f"shard {path} is missing; rerun the sensitivity stage (dvc repro)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ShardError(f"shard {path} is corrupt; rerun the sensitivity stage") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ShardError(f"shard {path} is corrupt ({first_line(err)}); rerun the sensitivity stage (dvc repro)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ShardError(f"shard {path} is not a {FORMAT} file")
+        raise ShardError(f"shard {path} is not a {FORMAT} file; rerun the sensitivity stage (dvc repro)")
+    lacking = [k for k, kind in META_KEYS.items() if not isinstance(meta.get(k), kind)]
+    if lacking:
+        raise ShardError(f"shard {path} lacks {', '.join(lacking)}; rerun the sensitivity stage (dvc repro)")
     return meta
 
 

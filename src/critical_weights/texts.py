@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from critical_weights.errors import TextsError
+from critical_weights.errors import TextsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,22 @@ class PreparedTexts:
 
 
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextsError(f"texts.source: {path} cannot be read ({err.strerror or err})") from None
     if b"\x00" in data:
         raise TextsError(f"texts.source: {path} looks binary (it holds NUL bytes); expected UTF-8 text")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise TextsError(f"texts.source: {path} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # split on newlines only: str.splitlines would also split inside a JSON string holding U+2028
+    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -67,8 +71,9 @@ def _read_parquet(path: Path) -> list[str]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        raise TextsError(f"texts.source: {path} is not a readable Parquet file ({err})") from None
-    if "text" not in table.column_names or not pa.types.is_string(table.schema.field("text").type):
+        raise TextsError(f"texts.source: {path} is not a readable Parquet file ({first_line(err)})") from None
+    kind = table.schema.field("text").type if "text" in table.column_names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise TextsError(f"texts.source: {path} has no string column 'text' (columns: {', '.join(table.column_names)})")
     return [t for t in table.column("text").to_pylist() if t is not None]
 
@@ -79,11 +84,11 @@ def read_texts(path: Path) -> list[str]:
         raise TextsError(f"texts.source: {path} does not exist; expected {SOURCE_KINDS}")
     if path.is_dir():
         texts = [_read_utf8(p) for p in sorted(path.glob("*.txt"))]
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         texts = _read_jsonl(path)
-    elif path.suffix == ".txt":
+    elif path.suffix.lower() == ".txt":
         texts = _read_utf8(path).splitlines()
-    elif path.suffix == ".parquet":
+    elif path.suffix.lower() == ".parquet":
         texts = _read_parquet(path)
     else:
         raise TextsError(f"texts.source: {path} has an unsupported type; expected {SOURCE_KINDS}")
@@ -124,7 +129,10 @@ def prepare_texts(
         kept_texts.append(texts[i])
         ids.append(tokens)
     if not ids:
-        raise TextsError("texts.source: every chosen text is shorter than 2 tokens after tokenisation")
+        raise TextsError(
+            f"texts.source: all {len(index)} chosen texts are shorter than 2 tokens after tokenisation, "
+            "so there is nothing to predict; use longer texts"
+        )
     return PreparedTexts(kept_index, kept_texts, ids, len(texts))
 
 
@@ -174,7 +182,7 @@ def read_prepared(folder: Path) -> tuple[list[list[int]], dict[str, str]]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        raise TextsError(f"prepared texts {path} are corrupt ({str(err).splitlines()[0]}); rerun dvc repro") from None
+        raise TextsError(f"prepared texts {path} are corrupt ({first_line(err)}); rerun dvc repro") from None
     if "input_ids" not in table.column_names or table.num_rows == 0:
         raise TextsError(f"prepared texts {path} hold no input_ids; rerun the prepare stage")
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
@@ -190,5 +198,5 @@ def read_prepared_meta(folder: Path) -> dict[str, str]:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as err:
-        raise TextsError(f"prepared texts {path} are missing or corrupt ({str(err).splitlines()[0]}); rerun dvc repro") from None
+        raise TextsError(f"prepared texts {path} are missing or corrupt ({first_line(err)}); rerun dvc repro") from None
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
