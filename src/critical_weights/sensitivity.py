@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,7 @@ class _ActivationNorms:
         self.skipped: dict[str, str] = {}
         self.handles = []
         linear = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        head = model.get_output_embeddings()
         for n, p in params:
             if id(p) in embeddings:
                 self.skipped[n] = "used as an embedding table, not only as an nn.Linear weight"
@@ -154,13 +156,19 @@ class _ActivationNorms:
             else:
                 module = linear[id(p)]
                 self.act_sq[n] = torch.zeros(module.in_features, dtype=torch.float32, device=p.device)
-                self.handles.append(module.register_forward_pre_hook(self._hook(scored[id(p)])))
+                if module is head:
+                    # the loss applies the head to predicting positions only; its input over every
+                    # real token is the decoder's output
+                    hook = model.get_decoder().register_forward_hook(self._hook(scored[id(p)], output=True))
+                else:
+                    hook = module.register_forward_pre_hook(self._hook(scored[id(p)]))
+                self.handles.append(hook)
 
-    def _hook(self, name: str) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
+    def _hook(self, name: str, output: bool = False) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, *out: Any) -> None:
             if not self.active:
                 return
-            x = args[0].detach()  # (B, T, in) or (n, in)
+            x = (out[0].last_hidden_state if output else args[0]).detach()  # (B, T, in) or (n, in)
             if x.ndim == 3 and self.mask is not None:
                 x = x[self.mask.bool()]  # (n_real, in)
             x = x.reshape(-1, x.shape[-1]).float()

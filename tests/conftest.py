@@ -1,0 +1,187 @@
+"""Shared fixtures: tiny seeded Llama models built from a config, and a model folder on disk.
+
+Nothing here downloads anything: the tokenizer is a WordLevel vocabulary built offline from
+the project's own corpus, and the weights come from `torch.manual_seed`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+CORPUS = ROOT / "data" / "texts" / "corpus.jsonl"
+
+VOCAB = 96  # vocabulary of the in-memory tiny models
+
+
+def tiny_config(vocab_size: int = VOCAB, tie: bool = False, attn: str = "sdpa"):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=tie, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def build_tiny_model(vocab_size: int = VOCAB, tie: bool = False, attn: str = "sdpa", seed: int = 0):
+    """A tiny Llama causal LM with seeded float32 weights, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab_size, tie, attn)).to(torch.float32).eval()
+    with torch.no_grad():
+        # the default init leaves norms at 1 and uses a small std; spread the weights a little
+        # so that scores differ clearly from one weight to the next
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    """Untied tiny Llama (embed_tokens and lm_head are separate matrices), SDPA attention."""
+    return build_tiny_model(tie=False)
+
+
+@pytest.fixture
+def tiny_tied_model():
+    """Tied tiny Llama (lm_head.weight is embed_tokens.weight), like the embedded default."""
+    return build_tiny_model(tie=True)
+
+
+@pytest.fixture
+def tiny_eager_model():
+    """Untied tiny Llama with eager attention, for double backward (Hessian) tests."""
+    return build_tiny_model(tie=False, attn="eager")
+
+
+@pytest.fixture
+def tiny_ids() -> list[list[int]]:
+    """Six token-id sequences of different lengths between 5 and 20, ids < VOCAB."""
+    rng = np.random.default_rng(1234)
+    lengths = [5, 20, 9, 14, 7, 17]
+    return [rng.integers(0, VOCAB, size=n).tolist() for n in lengths]
+
+
+def corpus_words() -> list[str]:
+    """Every word of the corpus as the Whitespace pre-tokenizer splits it, sorted."""
+    from tokenizers.pre_tokenizers import Whitespace
+
+    pre = Whitespace()
+    words: set[str] = set()
+    with open(CORPUS, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            words.update(w for w, _ in pre.pre_tokenize_str(text))
+    return sorted(words)
+
+
+def build_tokenizer():
+    """A WordLevel tokenizer over the corpus words, with [UNK] and [PAD], built offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1}
+    for w in corpus_words():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _save_model_dir(folder: Path, tie: bool) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(vocab_size=len(tokenizer), tie=tie)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A Hugging Face model folder (safetensors + tokenizer) holding an untied tiny Llama."""
+    return _save_model_dir(tmp_path_factory.mktemp("tiny-llama"), tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory) -> Path:
+    """The same with tied embeddings (lm_head.weight is embed_tokens.weight)."""
+    return _save_model_dir(tmp_path_factory.mktemp("tiny-llama-tied"), tie=True)
+
+
+@pytest.fixture
+def write_params(tmp_path) -> Callable[..., Path]:
+    """Write a params.yaml from nested dicts into tmp_path and return its path."""
+    import yaml
+
+    def write(data: dict, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def tiny_params(model_dir: Path, **sections) -> "Params":
+    """Params() defaults pointed at a tiny model folder and the project corpus, small enough for
+    tests; `sections` replace fields section by section, e.g. rank={"k": 3}."""
+    from dataclasses import replace
+
+    from critical_weights.params import Params
+
+    base = Params()
+    base = replace(
+        base,
+        texts=replace(base.texts, source=str(CORPUS), n_texts=8, max_length=24),
+        model=replace(base.model, name=str(model_dir), device="cpu", dtype="float32"),
+        sensitivity=replace(base.sensitivity, keep=40, dense=True),
+        rank=replace(base.rank, k=10),
+        validate=replace(base.validate, k_values=(1, 10)),
+    )
+    for section, fields in sections.items():
+        if section == "seed":
+            base = replace(base, seed=fields)
+        else:
+            base = replace(base, **{section: replace(getattr(base, section), **fields)})
+    return base
+
+
+def run_prepare_and_sensitivity(folder: Path, params) -> tuple[Path, Path]:
+    """Run the two model stages through the library; return (prepared, sensitivity) folders."""
+    from critical_weights.pipeline import run_sensitivity
+    from critical_weights.prepare import run_prepare
+    from critical_weights.progress import Timings
+
+    prepared, sens = folder / "prepared", folder / "sensitivity"
+    run_prepare(Path(params.texts.source), params, prepared, Timings("prepare"))
+    run_sensitivity(prepared, params, sens, Timings("sensitivity"))
+    return prepared, sens
+
+
+SHARD_METRICS = ("grad_x_weight", "magnitude", "fisher", "wanda")
+
+
+@pytest.fixture(scope="session")
+def dense_shards(tmp_path_factory, tiny_model_dir) -> tuple[Path, "Params"]:
+    """Dense sensitivity shards of the untied tiny model over 8 corpus texts (keep 40)."""
+    params = tiny_params(tiny_model_dir, sensitivity={"metrics": SHARD_METRICS})
+    _, sens = run_prepare_and_sensitivity(tmp_path_factory.mktemp("run"), params)
+    return sens, params
