@@ -41,6 +41,10 @@ class ResourceError(CriticalWeightsError):
     """The machine ran out of something (device memory, say) that smaller settings would need less of."""
 
 
+class ReportError(CriticalWeightsError):
+    """A report given on the command line (such as critical_weights.csv) is missing or malformed."""
+
+
 def out_of_memory(micro_batch_size: int, batch_tokens: int, longest: int) -> ResourceError:
     """What to say when forward+backward runs out of device memory, with settings to try."""
     now = f"sensitivity.micro_batch_size {micro_batch_size}, sensitivity.batch_tokens {batch_tokens}"

@@ -75,10 +75,11 @@ class PlotParams:
 class ValidateParams:
     perturbations: tuple[str, ...] = ("zero", "bit_flip")  # applied to the critical weights
     controls: tuple[str, ...] = ("random_k", "bottom_k")  # same count, other weights
-    k_values: tuple[int, ...] = (1, 10, 100, 1000)  # damage curve over the global ranking
+    k_values: tuple[int, ...] = (1, 10, 100)  # damage curve over the global ranking
     noise_sigma: float = 1.0  # gauss_noise: sigma as a multiple of |w|
-    bit: str = "exponent_msb"  # bit_flip: sign | exponent_msb | an integer bit index
-    holdout: float = 0.0  # share of prepared texts also measured as held-out (0 = none)
+    bit: str | int = "exponent_msb"  # bit_flip: sign | exponent_msb | an integer bit index
+    n_texts: int = 16  # prepared texts measured, drawn with `seed`; 0 = all of them
+    holdout: float = 0.0  # held-out texts (source texts prepare did not choose), as a share of n_texts; 0 = none
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,8 @@ def _validate(raw: Any, problems: list[str]) -> ValidateParams:
         k_values=s.integers("k_values", d.k_values, minimum=1),
         noise_sigma=s.number("noise_sigma", d.noise_sigma, minimum=0.0, maximum=1e6),
         bit=bit,
-        holdout=s.number("holdout", d.holdout, minimum=0.0, maximum=0.9),
+        n_texts=s.integer("n_texts", d.n_texts, minimum=0),
+        holdout=s.number("holdout", d.holdout, minimum=0.0, maximum=1.0),
     )
     s.finish()
     return out
