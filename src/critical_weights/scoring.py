@@ -66,13 +66,17 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[tor
     is kept, and among values equal to it, the smallest indices.
     """
     k = min(k, values.numel())
-    top, _ = torch.topk(values, k, sorted=False)
+    top, pos = torch.topk(values, k, sorted=False)
     threshold = top.min()
-    above = values > threshold
-    n_above = int(above.sum())
-    at = (values == threshold).nonzero().squeeze(1)  # positions, ascending
-    at = at[torch.argsort(index[at], stable=True)][: k - n_above]
-    pos = torch.cat([above.nonzero().squeeze(1), at])
+    n_at = int(torch.count_nonzero(values == threshold))
+    if n_at == 0 or n_at != int(torch.count_nonzero(top == threshold)):
+        # topk cut through a tie (or met NaN): keep the values above, then the ties of smallest index
+        above = values > threshold
+        n_above = int(above.sum())
+        at = (values == threshold).nonzero().squeeze(1)  # positions, ascending
+        at = at[torch.argsort(index[at], stable=True)][: k - n_above]
+        pos = torch.cat([above.nonzero().squeeze(1), at])
+    # else topk kept every value equal to the k-th, so its positions are already the exact set
     pos = pos[torch.argsort(index[pos], stable=True)]  # index ascending...
     pos = pos[torch.argsort(values[pos], descending=True, stable=True)]  # ...then score descending
     return values[pos], index[pos]
@@ -153,8 +157,11 @@ class _Running:
         self.negatives += negatives
         self.hist += torch.bincount(log10_bin(flat), minlength=N_BINS)
         self.hist[0] -= zeros + negatives  # they landed in the underflow bin; count positives only
-        by_col = torch.full((s.shape[0], self.gc), -np.inf, device=s.device)
-        by_col.scatter_reduce_(1, self.col_bin.expand(s.shape[0], -1), s, "amax")  # (r, gc)
+        if s.shape[1] % self.gc == 0:  # equal runs of columns per cell: a plain max, no scatter
+            by_col = s.reshape(s.shape[0], self.gc, -1).amax(dim=2)  # (r, gc)
+        else:
+            by_col = torch.full((s.shape[0], self.gc), -np.inf, device=s.device)
+            by_col.scatter_reduce_(1, self.col_bin.expand(s.shape[0], -1), s, "amax")  # (r, gc)
         row_idx = self.row_bin[rows].unsqueeze(1).expand(-1, self.gc)
         self.grid.scatter_reduce_(0, row_idx, by_col, "amax")
 
