@@ -185,3 +185,19 @@ def dense_shards(tmp_path_factory, tiny_model_dir) -> tuple[Path, "Params"]:
     params = tiny_params(tiny_model_dir, sensitivity={"metrics": SHARD_METRICS})
     _, sens = run_prepare_and_sensitivity(tmp_path_factory.mktemp("run"), params)
     return sens, params
+
+
+def copy_project(repo: Path) -> Path:
+    """Copy what `dvc repro` needs of this project (pipeline, stages, library, corpus, DVC
+    config) into a new folder `repo`; the caller sets params and makes it a git repo."""
+    import shutil
+
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    for folder in ("stages", "src", "data/texts"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    (repo / ".gitignore").write_text("/logs/\n")
+    return repo

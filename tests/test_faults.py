@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _cli import ROOT, assert_error, invoke, snapshot, write_params_file
-from conftest import run_prepare_and_sensitivity, tiny_params
+from conftest import copy_project, run_prepare_and_sensitivity, tiny_params
 from critical_weights import sensitivity as sens_lib
 from critical_weights import shards
 from critical_weights.errors import NumericalError, ParamsError
@@ -211,15 +211,7 @@ def test_sigint_to_a_running_stage(run, tmp_path, untouched):
 @pytest.fixture
 def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A git repo holding a copy of the project, set to the tiny model and a few texts."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("stages", "src", "data/texts"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    (repo / ".gitignore").write_text("/logs/\n")
+    repo = copy_project(tmp_path / "project")
     raw = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     raw["model"].update(name=str(tiny_model_dir), device="cpu", dtype="float32")
     raw["texts"].update(n_texts=8, max_length=24)

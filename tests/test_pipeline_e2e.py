@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import copy_project
+
 ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate"}
 METRICS = ("grad_x_weight", "gradient", "magnitude", "fisher", "taylor2", "hutchinson", "wanda")
 
@@ -48,15 +48,7 @@ def _ran(output: str) -> set[str]:
 @pytest.fixture
 def repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A git repo holding a copy of the project, set to the tiny model and a few texts."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("stages", "src", "data/texts"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    (repo / ".gitignore").write_text("/logs/\n")
+    repo = copy_project(tmp_path / "project")
     _set_params(repo, model__name=str(tiny_model_dir), texts__n_texts=12, texts__max_length=24,
                 sensitivity__keep=20, sensitivity__metrics=list(METRICS), sensitivity__hutchinson_probes=2,
                 rank__k=5, validate__k_values=[1, 5])

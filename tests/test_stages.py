@@ -4,43 +4,19 @@ user can fix, and the whole pipeline prepare -> sensitivity -> rank -> export ->
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
+from _cli import assert_error, invoke, stage
 from conftest import CORPUS, ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSV_HEADER = "rank,parameter,block,component,row,col,flat_index,score,weight,gradient,metric,token"
 ALL_METRICS = "grad_x_weight, gradient, magnitude, fisher, taylor2, hutchinson, wanda"
 STAGES = ("prepare", "sensitivity", "rank", "export", "plot")
-
-
-@cache
-def stage(name: str) -> ModuleType:
-    """stages/<name>.py, imported by path (stages/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def invoke(name: str, *args: object) -> Result:
-    return CliRunner().invoke(stage(name).main, [str(a) for a in args])
-
-
-def assert_error(result: Result, message: str) -> None:
-    """Exit status 1, no traceback, and the last line of output is exactly `Error: message`."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert result.output.rstrip("\n").splitlines()[-1] == f"Error: {message}"
 
 
 def small_params(model_dir: Path | str, **sections: dict) -> dict:

@@ -63,7 +63,7 @@ def predicted_tokens(input_ids: Sequence[Sequence[int]]) -> int:
     return sum(len(s) - 1 for s in input_ids)
 
 
-def _pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, both (B, T) int64."""
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -233,7 +233,7 @@ def accumulate(
     loss_sum = 0.0
     try:
         for b, batch in enumerate(progress(batches, "forward+backward")):
-            ids, mask = _pad([list(input_ids[i]) for i in batch], device)
+            ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)
             if norms is not None:
                 norms.mask, norms.active = mask, True
             loss_b = token_loss_sum(model, ids, mask)  # float32 scalar, summed over tokens
@@ -302,7 +302,7 @@ def _fisher_pass(
     try:
         rank, world = distributed.world()
         for b, i in enumerate(progress(range(rank, len(input_ids), world), "fisher: per-sequence backward")):
-            ids, mask = _pad([list(input_ids[i])], device)
+            ids, mask = pad_batch([list(input_ids[i])], device)
             loss = token_loss_sum(model, ids, mask)
             _check_finite(loss, b)
             (loss / int(mask[:, 1:].sum())).backward()

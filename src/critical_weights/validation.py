@@ -38,7 +38,7 @@ from critical_weights.outputs import atomic_path, write_json, write_text
 from critical_weights.params import PERTURBATIONS, Params, RankParams, ValidateParams
 from critical_weights.perturbation import Selection, bit_index, digest, flat_view, perturbed
 from critical_weights.progress import Timings
-from critical_weights.sensitivity import perplexity, token_loss_sum
+from critical_weights.sensitivity import pad_batch, perplexity, token_loss_sum
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,17 +98,6 @@ def heldout_ids(source: Path, prepared: Path, n: int, max_length: int, seed: int
 # ---- the loss --------------------------------------------------------------------------
 
 
-def _pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask, both (B, T) int64."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def mean_loss(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], micro_batch_size: int,
               batch_tokens: int = 0) -> float:
     """L: mean next-token cross-entropy over every predicted token (NaN or inf if it is)."""
@@ -116,7 +105,7 @@ def mean_loss(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], micro_
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in make_batches([len(s) for s in input_ids], micro_batch_size, batch_tokens):
-            ids, mask = _pad([list(input_ids[i]) for i in batch], device)  # (B, T) int64
+            ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)  # (B, T) int64
             total += float(token_loss_sum(model, ids, mask).double())  # summed over real tokens
             n += int(mask[:, 1:].sum())
     return total / n
