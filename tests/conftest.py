@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from critical_weights.params import Params
+
 ROOT = Path(__file__).parents[1]
 CORPUS = ROOT / "data" / "texts" / "corpus.jsonl"
 
@@ -140,7 +142,7 @@ def write_params(tmp_path) -> Callable[..., Path]:
     return write
 
 
-def tiny_params(model_dir: Path, **sections) -> "Params":
+def tiny_params(model_dir: Path, **sections) -> Params:
     """Params() defaults pointed at a tiny model folder and the project corpus, small enough for
     tests; `sections` replace fields section by section, e.g. rank={"k": 3}."""
     from dataclasses import replace
@@ -180,7 +182,7 @@ SHARD_METRICS = ("grad_x_weight", "magnitude", "fisher", "wanda")
 
 
 @pytest.fixture(scope="session")
-def dense_shards(tmp_path_factory, tiny_model_dir) -> tuple[Path, "Params"]:
+def dense_shards(tmp_path_factory, tiny_model_dir) -> tuple[Path, Params]:
     """Dense sensitivity shards of the untied tiny model over 8 corpus texts (keep 40)."""
     params = tiny_params(tiny_model_dir, sensitivity={"metrics": SHARD_METRICS})
     _, sens = run_prepare_and_sensitivity(tmp_path_factory.mktemp("run"), params)

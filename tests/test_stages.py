@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _cli import assert_error, invoke, stage
-from conftest import CORPUS, ROOT
+from _cli import assert_error, invoke
+from conftest import CORPUS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSV_HEADER = "rank,parameter,block,component,row,col,flat_index,score,weight,gradient,metric,token"
