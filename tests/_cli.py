@@ -61,3 +61,15 @@ def snapshot(folder: Path) -> dict[str, str]:
         rel = str(path.relative_to(folder))
         out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
     return out
+
+
+def earlier_run(folder: Path, model_dir: Path) -> Any:
+    """An earlier, successful run of the tiny model in `folder`: params.yaml, prepared/ and
+    sensitivity/. Returns its Params, so a caller can run more stages on it."""
+    from conftest import run_prepare_and_sensitivity, tiny_params
+
+    params = tiny_params(model_dir, sensitivity={"keep": 20, "dense": False}, rank={"k": 5},
+                         validate={"k_values": (1, 5)})
+    run_prepare_and_sensitivity(folder, params)
+    write_params_file(folder / "params.yaml", params)
+    return params

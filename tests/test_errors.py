@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from _cli import assert_error, invoke, snapshot, write_params_file
-from conftest import CORPUS, run_prepare_and_sensitivity, tiny_params
+from _cli import assert_error, earlier_run, invoke, snapshot, write_params_file
+from conftest import CORPUS, tiny_params
 from critical_weights import models
 from critical_weights.errors import ModelError, TextsError
 from critical_weights.params import DEVICES, DTYPES, METRICS, PERTURBATIONS, RANK_MODES
@@ -34,10 +34,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine
 def run(tmp_path_factory, tiny_model_dir) -> Path:
     """An earlier, successful run: params.yaml, prepared/ and sensitivity/ of the tiny model."""
     folder = tmp_path_factory.mktemp("earlier-run")
-    params = tiny_params(tiny_model_dir, sensitivity={"keep": 20, "dense": False}, rank={"k": 5},
-                         validate={"k_values": (1, 5)})
-    run_prepare_and_sensitivity(folder, params)
-    write_params_file(folder / "params.yaml", params)
+    earlier_run(folder, tiny_model_dir)
     return folder
 
 

@@ -31,8 +31,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _cli import ROOT, assert_error, invoke, snapshot, write_params_file
-from conftest import copy_project, run_prepare_and_sensitivity, tiny_params
+from _cli import ROOT, assert_error, earlier_run, invoke, snapshot, write_params_file
+from conftest import copy_project
 from critical_weights import sensitivity as sens_lib
 from critical_weights import shards
 from critical_weights.errors import NumericalError, ParamsError
@@ -48,11 +48,8 @@ VENV_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os
 def run(tmp_path_factory, tiny_model_dir) -> Path:
     """An earlier, successful run: params.yaml, prepared/, sensitivity/ and ranked/."""
     folder = tmp_path_factory.mktemp("earlier-run")
-    params = tiny_params(tiny_model_dir, sensitivity={"keep": 20, "dense": False}, rank={"k": 5},
-                         validate={"k_values": (1, 5)})
-    run_prepare_and_sensitivity(folder, params)
+    params = earlier_run(folder, tiny_model_dir)
     run_rank(folder / "sensitivity", params.rank, folder / "ranked")
-    write_params_file(folder / "params.yaml", params)
     return folder
 
 

@@ -156,17 +156,23 @@ def test_top_k_stable_with_distinct_values_and_all_equal_values():
     assert v.tolist() == [0.0] * 4 and i.tolist() == [0, 1, 3, 5]
 
 
+def _tied_case(rows: int, cols: int, seed: int, acc_seed: int):
+    """Integer-valued weight, gradient and Hessian diagonal: many ties and zeros."""
+    rng = np.random.default_rng(seed)
+    weight = torch.from_numpy(rng.integers(-3, 4, size=(rows, cols)).astype(np.float32))
+    acc = random_acc(weight, seed=acc_seed)
+    acc.grad[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
+    acc.hutchinson[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
+    return weight, acc
+
+
 @pytest.mark.parametrize("metric", ["magnitude", "grad_x_weight", "hutchinson"])
 @pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
 def test_summarise_top_k_equals_brute_force_across_chunks(monkeypatch, metric, chunk_rows):
     rows, cols, keep = 23, 9, 17
     monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", chunk_rows * cols)
     assert len(list(scoring.row_chunks(rows, cols))) == -(-rows // min(rows, chunk_rows))
-    rng = np.random.default_rng(chunk_rows)
-    weight = torch.from_numpy(rng.integers(-3, 4, size=(rows, cols)).astype(np.float32))  # ties and zeros
-    acc = random_acc(weight, seed=chunk_rows)
-    acc.grad[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
-    acc.hutchinson[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
+    weight, acc = _tied_case(rows, cols, seed=chunk_rows, acc_seed=chunk_rows)
     dense: list[np.ndarray] = []
     s = summarise(metric, NAME, weight, acc, keep, dense)
     scores = np.concatenate(dense)
@@ -182,11 +188,7 @@ def test_summarise_bottom_k_equals_brute_force_across_chunks(monkeypatch, metric
     """The `keep` least sensitive weights: score ascending, ties by smaller flat index."""
     rows, cols, keep = 21, 8, 13
     monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", chunk_rows * cols)
-    rng = np.random.default_rng(100 + chunk_rows)
-    weight = torch.from_numpy(rng.integers(-3, 4, size=(rows, cols)).astype(np.float32))
-    acc = random_acc(weight, seed=chunk_rows)
-    acc.grad[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
-    acc.hutchinson[NAME] = torch.from_numpy(rng.integers(-2, 3, size=(rows, cols)).astype(np.float32))
+    weight, acc = _tied_case(rows, cols, seed=100 + chunk_rows, acc_seed=chunk_rows)
     dense: list[np.ndarray] = []
     s = summarise(metric, NAME, weight, acc, keep, dense)
     scores = np.concatenate(dense)
