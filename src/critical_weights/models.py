@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from critical_weights import kernels
 from critical_weights.checkpoints import check_weight_files
 from critical_weights.errors import ModelError, ParamsError, first_line
 from critical_weights.params import ModelParams
@@ -300,6 +301,7 @@ def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) 
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": device.type,
+        "numerics": kernels.describe(),
     }
 
 
