@@ -20,32 +20,20 @@ from pathlib import Path
 
 import click
 
-from critical_weights.errors import reported
-from critical_weights.params import load_params
-from critical_weights.progress import Timings, setup_logging
+from critical_weights.cli import INPUT_DIR, OUTPUT_FILE, PATH, Params, Timings, stage_command
 from critical_weights.validation import run_validate
 
-_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-_OUT = click.Path(dir_okay=False, path_type=Path)
 
-
-@click.command(help=__doc__)
-@click.option("--params", "params_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="params.yaml", show_default=True)
-@click.option("--prepared", type=_DIR, required=True, help="Output of prepare.")
-@click.option("--sensitivity", type=_DIR, required=True, help="Output of sensitivity.")
-@click.option("--source", type=click.Path(path_type=Path), required=True, help="texts.source, for held-out texts (validate.holdout).")
-@click.option("--report", type=_OUT, required=True, help="JSON report (DVC metrics).")
-@click.option("--plot", type=_OUT, required=True, help="Damage-curve PNG.")
-@click.option("--table", type=_OUT, required=True, help="Damage-curve CSV.")
-@click.option("--timings", "timings_file", type=click.Path(path_type=Path), help="Untracked JSON file for per-phase seconds.")
-def main(params_file: Path, prepared: Path, sensitivity: Path, source: Path, report: Path, plot: Path,
-         table: Path, timings_file: Path | None) -> None:
-    setup_logging()
-    timings = Timings("validate")
-    with reported():
-        params = load_params(params_file)
-        run_validate(prepared, sensitivity, source, params, report, plot, table, timings)
-    timings.write(timings_file)
+@stage_command("validate", __doc__)
+@click.option("--prepared", type=INPUT_DIR, required=True, help="Output of prepare.")
+@click.option("--sensitivity", type=INPUT_DIR, required=True, help="Output of sensitivity.")
+@click.option("--source", type=PATH, required=True, help="texts.source, for held-out texts (validate.holdout).")
+@click.option("--report", type=OUTPUT_FILE, required=True, help="JSON report (DVC metrics).")
+@click.option("--plot", type=OUTPUT_FILE, required=True, help="Damage-curve PNG.")
+@click.option("--table", type=OUTPUT_FILE, required=True, help="Damage-curve CSV.")
+def main(params: Params, timings: Timings, prepared: Path, sensitivity: Path, source: Path, report: Path,
+         plot: Path, table: Path) -> None:
+    run_validate(prepared, sensitivity, source, params, report, plot, table, timings)
 
 
 if __name__ == "__main__":
