@@ -1,0 +1,66 @@
+"""The test matrix: one tiny causal LM per architecture family, built from transformers' own
+config classes with seeded weights (no download).
+
+Sizes: hidden 16, 2 blocks, 2 heads, intermediate 24 (MoE: 4 experts, 2 per token), vocabulary
+VOCAB. Every weight of ndim >= 2 is drawn from N(0, 0.2^2) and every 1-D parameter keeps its
+initial value plus N(0, 0.05^2), so no gradient is pure float noise and norms are not all one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+VOCAB = 96
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+               tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+_MOE = dict(num_experts_per_tok=2)
+
+
+def _configs() -> dict[str, Callable]:
+    import transformers as T
+
+    c = _COMMON
+    return {
+        "llama": lambda: T.LlamaConfig(**c),
+        "qwen2": lambda: T.Qwen2Config(**c),
+        "qwen3": lambda: T.Qwen3Config(**c, head_dim=8),
+        "mistral": lambda: T.MistralConfig(**c),
+        "olmo2": lambda: T.Olmo2Config(**c),
+        "gemma2": lambda: T.Gemma2Config(**c, head_dim=8, final_logit_softcapping=3.0),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**c, head_dim=8, final_logit_softcapping=3.0),
+        "phi3": lambda: T.Phi3Config(**c),
+        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=None, eos_token_id=None),
+        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                                            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+        "granite": lambda: T.GraniteConfig(**c, logits_scaling=4.0),
+        "cohere": lambda: T.CohereConfig(**c, logit_scale=0.5),
+        "mixtral": lambda: T.MixtralConfig(**c, **_MOE, num_local_experts=4),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**c, **_MOE, num_experts=4, moe_intermediate_size=12, head_dim=8),
+        "olmoe": lambda: T.OlmoeConfig(**c, **_MOE, num_experts=4),
+        "gpt_oss": lambda: T.GptOssConfig(**c, **_MOE, num_local_experts=4, head_dim=8),
+    }
+
+
+ARCHITECTURES = tuple(_configs())
+MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    """The tiny causal LM of `arch`, float32, eval mode, seeded weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[arch]()).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+            else:
+                p.add_(torch.randn_like(p), alpha=0.05)
+    return model
