@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -22,7 +20,7 @@ from typing import Any
 
 import torch
 
-from critical_weights import kernels
+from critical_weights import gguf_cache, kernels
 from critical_weights.checkpoints import check_weight_files
 from critical_weights.errors import ModelError, ParamsError, first_line
 from critical_weights.params import ModelParams
@@ -217,12 +215,19 @@ def load_tokenizer(source: ModelSource, params: ModelParams) -> Any:
     """The model's own tokenizer."""
     from transformers import AutoTokenizer
 
-    _memoise_gguf_name_maps()
     kwargs = _pretrained_kwargs(source, params)
-    try:
-        return AutoTokenizer.from_pretrained(source.location, **kwargs)
-    except LOAD_ERRORS as err:
-        raise ModelError(f"model.name: cannot load a tokenizer from {source.name} ({first_line(err)})") from None
+
+    def convert() -> Any:
+        gguf_cache.memoise_name_maps()
+        try:
+            return AutoTokenizer.from_pretrained(source.location, **kwargs)
+        except LOAD_ERRORS as err:
+            raise ModelError(f"model.name: cannot load a tokenizer from {source.name} ({first_line(err)})") from None
+
+    if source.gguf_file is None:
+        return convert()
+    cached = gguf_cache.cached_part(source.weight_files[0], "tokenizer", lambda tmp: convert().save_pretrained(tmp))
+    return AutoTokenizer.from_pretrained(cached) if cached is not None else convert()
 
 
 def resolve_device(params: ModelParams) -> tuple[torch.device, torch.dtype]:
@@ -250,13 +255,12 @@ def load_model(source: ModelSource, params: ModelParams, device: torch.device, d
     """Load the causal LM in eval mode, with SDPA attention, on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    _memoise_gguf_name_maps()
-    kwargs = _pretrained_kwargs(source, params)
+    location, kwargs = _cached_gguf_model(source, params)
     if params.device_map == "auto":
         kwargs["device_map"] = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=dtype, attn_implementation="sdpa", **kwargs
+            location, dtype=dtype, attn_implementation="sdpa", **kwargs
         )
     except (*LOAD_ERRORS, RuntimeError) as err:
         raise ModelError(f"model.name: cannot load {source.name} as a causal LM ({first_line(err)})") from None
@@ -270,12 +274,16 @@ def load_model(source: ModelSource, params: ModelParams, device: torch.device, d
 def check_finite_weights(name: str, model: torch.nn.Module, chunk: int = 1 << 24) -> None:
     """Every weight is finite; otherwise fail naming the first parameter that is not.
 
-    Checked in chunks of `chunk` elements, so no full-size mask is ever allocated."""
+    One min/max reduction per parameter (NaN propagates through both, so finite extremes
+    mean every weight is finite); only a failing parameter is counted, in chunks of `chunk`
+    elements, so no full-size mask is ever allocated."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if p.device.type == "meta":
+            if p.device.type == "meta" or p.numel() == 0:
                 continue  # offloaded by device_map; checked where it is loaded
             flat = p.detach().reshape(-1)  # (numel,) model dtype
+            if bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
+                continue
             bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
             if bad:
                 raise ModelError(
@@ -305,12 +313,36 @@ def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) 
     }
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return gguf_cache.sha256_file(path)  # hashed once per process, shared with the GGUF cache
+
+
+def _cached_gguf_model(source: ModelSource, params: ModelParams) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained should read the weights: for a GGUF file, the cached float32
+    conversion (built on first use); otherwise the source itself."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _pretrained_kwargs(source, params)
+    if source.gguf_file is None:
+        return source.location, kwargs
+
+    def convert(tmp: Path) -> None:
+        gguf_cache.memoise_name_maps()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+        except (*LOAD_ERRORS, RuntimeError) as err:
+            raise ModelError(f"model.name: cannot load {source.name} as a causal LM ({first_line(err)})") from None
+        # the weights are already dequantised floats; only the GGUF marker blocks saving them
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    cached = gguf_cache.cached_part(source.weight_files[0], "model", convert)
+    if cached is None:
+        gguf_cache.memoise_name_maps()
+        return source.location, kwargs
+    return str(cached), {"trust_remote_code": params.trust_remote_code, "use_safetensors": True}
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -322,21 +354,3 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 LOAD_ERRORS = _load_errors()
-
-
-
-
-@functools.cache
-def _memoise_gguf_name_maps() -> None:
-    """Speed up transformers' GGUF loading, which spends most of its time in Python:
-    - it rebuilds gguf's tensor-name map once per tensor, though the map depends only on
-      (architecture, n_blocks);
-    - it parses the whole file (vocabulary included) once for the config and again for the
-      weights.
-    Both are pure functions of their arguments, so memoise them for this process."""
-    try:
-        import gguf
-    except ImportError:
-        return
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(gguf.GGUFReader)
