@@ -1,0 +1,141 @@
+"""critical_weights.models: what `model.name` refers to, the device and dtype, loading exactly
+the saved weights, and the identity recorded in the outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from critical_weights import kernels, models
+from critical_weights.errors import ModelError, ParamsError
+from critical_weights.params import ModelParams
+
+CPU = ModelParams(device="cpu", dtype="float32")
+
+
+def test_a_model_folder_is_a_directory_source_with_its_weight_files(tiny_model_dir):
+    source = models.resolve_source(str(tiny_model_dir))
+    assert source.kind == "directory" and source.location == str(tiny_model_dir) and source.gguf_file is None
+    assert source.weight_files == [tiny_model_dir / "model.safetensors"]
+    assert source.config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_gguf_path_is_a_gguf_source(tmp_path):
+    from _gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf")
+    source = models.resolve_source(str(path))
+    assert (source.kind, source.location, source.gguf_file) == ("gguf", str(tmp_path), "m.gguf")
+    assert source.weight_files == [path]
+
+
+@pytest.mark.parametrize("name, why", [
+    ("./nowhere", "does not exist"),
+    ("a/b/c", "does not exist"),
+    ("plain-word", "does not exist"),
+])
+def test_names_that_are_neither_local_nor_a_hub_id(name, why):
+    with pytest.raises(ModelError) as info:
+        models.resolve_source(name)
+    assert str(info.value) == f"model.name: {name!r} {why}; expected {models.KINDS}"
+
+
+def test_a_folder_without_weights_or_with_an_encoder(tmp_path, tiny_model_dir):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    with pytest.raises(ModelError, match=r"holds no weights \(no \*.safetensors or pytorch_model.bin\)$"):
+        models.resolve_source(str(folder))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}), encoding="utf-8")
+    with pytest.raises(ModelError, match=r"is a BertModel, not a causal language model"):
+        models.resolve_source(str(folder))
+
+
+@pytest.mark.parametrize("config, causal", [
+    ({"architectures": ["LlamaForCausalLM"]}, True),
+    ({"architectures": ["GPT2LMHeadModel"]}, True),
+    ({"architectures": ["SomeNewForCausalLM"]}, True),  # by its suffix, even unknown to transformers
+    ({"model_type": "llama"}, True),  # no architectures: the model type decides
+    ({"architectures": ["X"], "auto_map": {"AutoModelForCausalLM": "m.X"}}, True),
+    ({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, False),
+    ({"model_type": "t5"}, False),
+])
+def test_check_causal(config, causal):
+    if causal:
+        models._check_causal("m", config)
+    else:
+        with pytest.raises(ModelError, match="not a causal language model"):
+            models._check_causal("m", config)
+
+
+def test_device_and_dtype_on_a_cpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_device(ModelParams()) == (torch.device("cpu"), torch.float32)
+    assert models.resolve_device(ModelParams(dtype="bfloat16")) == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ParamsError) as info:
+        models.resolve_device(ModelParams(device="cuda", device_map="auto"))
+    assert [p.split(":")[0] for p in info.value.problems] == ["model.device", "model.device_map"]
+    with pytest.raises(ParamsError) as info:
+        models.resolve_device(ModelParams(dtype="float16"))
+    assert info.value.problems == ["model.dtype: 'float16' is not supported on the CPU; allowed here: auto, float32, bfloat16"]
+
+
+def test_load_model_gives_the_saved_weights_in_eval_mode(tiny_model_dir):
+    source = models.resolve_source(str(tiny_model_dir))
+    model = models.load_model(source, CPU, torch.device("cpu"), torch.float32)
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert set(saved) <= set(params)
+    for name, tensor in saved.items():
+        assert torch.equal(params[name].detach(), tensor), name
+
+
+def test_identity_names_the_files_by_sha256_and_the_architecture(tiny_model_dir):
+    source = models.resolve_source(str(tiny_model_dir))
+    model = models.load_model(source, CPU, torch.device("cpu"), torch.float32)
+    ident = models.identity(source, model, torch.device("cpu"))
+    weights = tiny_model_dir / "model.safetensors"
+    assert ident["weight_sha256"] == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert (ident["kind"], ident["architecture"], ident["model_type"]) == ("directory", "LlamaForCausalLM", "llama")
+    assert (ident["n_blocks"], ident["hidden_size"], ident["dtype"], ident["device"]) == (2, 16, "float32", "cpu")
+    assert ident["revision"] is None and ident["tie_word_embeddings"] is False
+    assert ident["numerics"] == kernels.describe()
+
+
+def test_non_finite_weights_are_counted_and_named(tiny_model):
+    models.check_finite_weights("m", tiny_model)
+    with torch.no_grad():
+        w = tiny_model.model.layers[1].mlp.down_proj.weight
+        w[0, 0], w[3, 5] = float("nan"), float("inf")
+    with pytest.raises(ModelError) as info:
+        models.check_finite_weights("m", tiny_model, chunk=7)  # the count crosses chunk borders
+    assert str(info.value) == (f"model.name: m: parameter model.layers.1.mlp.down_proj.weight holds 2 NaN or infinite "
+                               f"weight(s) of {w.numel()}; the checkpoint is corrupt")
+
+
+def test_pickle_only_folders_need_allow_pickle(tmp_path, tiny_model_dir):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    torch.save({}, folder / "pytorch_model.bin")
+    source = models.resolve_source(str(folder))
+    with pytest.raises(ModelError, match="holds only pickle weights"):
+        models._pretrained_kwargs(source, CPU)
+    kwargs = models._pretrained_kwargs(source, ModelParams(allow_pickle=True))
+    assert kwargs == {"trust_remote_code": False, "use_safetensors": False}
+
+
+def test_custom_code_never_runs_unasked(tiny_model_dir):
+    source = models.ModelSource("m", "directory", str(tiny_model_dir),
+                                config={"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "mine.Model"}})
+    with pytest.raises(ModelError, match=r"needs its own Python code \(mine.Model"):
+        models._pretrained_kwargs(source, CPU)
+    assert models._pretrained_kwargs(source, ModelParams(trust_remote_code=True))["trust_remote_code"] is True
