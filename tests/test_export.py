@@ -1,0 +1,119 @@
+"""critical_weights.export: the CSV holds exactly the ranked weights (floats that read back to
+the same float32), and the statistics, manifest and metrics agree with the shards."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from critical_weights import export, shards
+from critical_weights.params import RankParams
+from critical_weights.ranking import component_of, rank_metric, run_rank
+
+
+@pytest.fixture(scope="module")
+def exported(dense_shards, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny model's shards ranked per layer (k 10) and exported: (sensitivity, ranked, reports)."""
+    sens, _ = dense_shards
+    folder = tmp_path_factory.mktemp("export")
+    ranked, reports = folder / "ranked", folder / "reports"
+    run_rank(sens, RankParams(k=10), ranked)
+    export.run_export(sens, ranked, sens.parent / "prepared", reports)
+    return sens, ranked, reports
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_float_text_reads_back_as_the_same_float32():
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32)
+    values = np.concatenate([values, np.array([1 / 3, np.finfo(np.float32).tiny, 3.4e38], np.float32)])
+    for v in values:
+        assert np.float32(float(export._float(float(v)))) == v
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, ""), (3, "3"), (float(np.float32(0.1)), "0.100000001"), (0.1, "0.1"), ("plain", "plain"), ("a,b", '"a,b"'),
+    ('say "hi"', '"say ""hi"""'), (" lead", '" lead"'), ("two\nlines", '"two\nlines"'),
+])
+def test_csv_fields_are_quoted_only_when_needed(value, text):
+    assert export._csv_field(value) == text
+
+
+def test_the_csv_is_the_ranked_table_row_for_row(exported):
+    sens, ranked_dir, reports = exported
+    text = (reports / "critical_weights.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    ranked = rank_metric(sens, RankParams(k=10))
+    assert text.splitlines()[0] == ",".join(export.CSV_COLUMNS)
+    n_tensors = sum(r["metric"] == "grad_x_weight" for r in shards.read_stats(sens).to_pylist())
+    assert len(rows) == ranked.num_rows == 10 * n_tensors  # per_layer: k per tensor
+    for row, want in zip(rows, ranked.to_pylist()):
+        assert row["parameter"] == want["parameter"] and int(row["flat_index"]) == want["flat_index"]
+        assert int(row["rank"]) == want["rank"] and row["metric"] == "grad_x_weight"
+        for key in ("score", "weight", "gradient"):
+            assert np.float32(row[key]) == np.float32(want[key]), key
+        assert row["component"] == component_of(want["parameter"])
+        assert row["block"] == ("" if "layers" not in want["parameter"] else want["parameter"].split(".")[2])
+
+
+def test_concentration_counts_the_most_frequent_column_and_row():
+    table = pa.table({"parameter": ["p", "p", "p", "q", "q"], "row": [0, 5, 5, 2, 1], "col": [1, 1, 2, 3, 1]})
+    got = export.concentration(table)
+    assert got["p"] == {"top_col": 1, "top_col_share": 2 / 3, "distinct_cols": 2,
+                        "top_row": 5, "top_row_share": 2 / 3, "distinct_rows": 2}
+    assert got["q"]["top_col"] == 1 and got["q"]["top_row"] == 1  # a tie goes to the smaller index
+    assert got["q"]["top_col_share"] == 0.5
+
+
+def test_metrics_and_stats_agree_with_the_shards(exported):
+    sens, _, reports = exported
+    metrics = read_json(reports / "metrics.json")
+    meta = shards.read_meta(sens)
+    stats = [r for r in shards.read_stats(sens).to_pylist() if r["metric"] == "grad_x_weight"]
+    scores = [float(r["score"]) for r in csv.DictReader(io.StringIO((reports / "critical_weights.csv").read_text()))]
+    assert metrics["n_critical"] == len(scores)
+    assert metrics["max_score"] == max(r["max"] for r in stats)
+    assert metrics["mean_score"] == pytest.approx(sum(r["sum"] for r in stats) / sum(r["count"] for r in stats), rel=1e-12)
+    assert metrics["critical_share_of_total"] == pytest.approx(sum(scores) / sum(r["sum"] for r in stats), rel=1e-6)
+    assert metrics["critical_min_score"] == pytest.approx(min(scores), rel=1e-7)
+    assert (metrics["avg_loss"], metrics["n_tokens"], metrics["n_weights"]) == (meta["avg_loss"], meta["n_tokens"], meta["n_weights"])
+    per_param = read_json(reports / "sensitivity_stats.json")["parameters"]
+    assert list(per_param) == sorted({r["parameter"] for r in shards.read_stats(sens).to_pylist()})  # JSON keys sorted
+    first = per_param[stats[0]["parameter"]]["metrics"]["grad_x_weight"]
+    assert first == {k: stats[0][k] for k in ("count", "sum", "mean", "std", "min", "max", "zeros", "negatives")}
+
+
+def test_manifest_records_params_the_csv_hash_and_versions(exported):
+    _, ranked_dir, reports = exported
+    manifest = read_json(reports / "manifest.json")
+    csv_bytes = (reports / "critical_weights.csv").read_bytes()
+    assert manifest["critical_weights_csv_sha256"] == hashlib.sha256(csv_bytes).hexdigest()
+    assert manifest["params"]["rank"] == read_json(ranked_dir / "meta.json")["rank"]
+    assert set(manifest["params"]) >= {"seed", "model", "sensitivity", "texts", "rank"}
+    assert manifest["versions"]["critical_weights"] == export.__version__
+    assert {"python", "torch", "transformers", "dvc"} <= set(manifest["versions"])
+
+
+def test_overlap_has_every_pair_of_metrics(exported):
+    sens, _, reports = exported
+    overlap = read_json(reports / "metric_overlap.json")
+    metrics = shards.read_meta(sens)["metrics"]
+    assert overlap["metrics"] == metrics
+    assert len(overlap["pairs"]) == len(metrics) * (len(metrics) - 1) // 2
+
+
+def test_a_second_export_writes_the_same_bytes(exported, tmp_path):
+    sens, ranked_dir, reports = exported
+    export.run_export(sens, ranked_dir, sens.parent / "prepared", tmp_path)
+    for path in reports.iterdir():
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
