@@ -13,6 +13,7 @@ the outputs of an earlier run byte-identical; the next run recovers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -163,6 +165,29 @@ def test_other_os_errors_keep_their_traceback(run, untouched, monkeypatch):
 # ----------------------------------------------------------------------------- real signals
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # runs in the child, before it execs
+
+
+@contextlib.contextmanager
+def _started(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """Start `args` in a session of its own with SIGINT at its default disposition, and end it
+    and everything it started when the test ends, passed or failed.
+
+    A shell that runs pytest as a background job ignores SIGINT, and children inherit an
+    ignored signal, so the test sets the disposition itself rather than depend on its caller's."""
+    process = subprocess.Popen(args, start_new_session=True, preexec_fn=_default_sigint, **kwargs)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the process and its children (dvc runs the stage in one)
+        process.wait(timeout=60)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0, poll: float = 0.002):
     """Poll `predicate` until it returns something truthy; fail if the process ends first."""
     end = time.monotonic() + timeout
@@ -191,11 +216,9 @@ def test_sigint_to_a_running_stage(run, tmp_path, untouched):
     slow = _params(run, tmp_path, sensitivity={"metrics": ["grad_x_weight", "hutchinson"], "hutchinson_probes": 500,
                                                "micro_batch_size": 1})
     log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "stages" / "sensitivity.py"), "--params", str(slow),
-             "--prepared", str(run / "prepared"), "--out", str(run / "sensitivity")],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=VENV_ENV)
+    args = [sys.executable, str(ROOT / "stages" / "sensitivity.py"), "--params", str(slow),
+            "--prepared", str(run / "prepared"), "--out", str(run / "sensitivity")]
+    with open(log, "w") as stderr, _started(args, stdout=subprocess.DEVNULL, stderr=stderr, env=VENV_ENV) as process:
         _wait_for(lambda: "load model took" in log.read_text(), process)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
@@ -228,11 +251,11 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_sigkill_mid_write_under_dvc_repro_then_dvc_repro_recovers(project, tmp_path):
     data = project / "data"
-    process = subprocess.Popen(["dvc", "repro", "sensitivity"], cwd=project, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=VENV_ENV)
-    pid = _wait_for(lambda: _writing(data, "sensitivity"), process)
-    os.kill(pid, signal.SIGKILL)  # the stage's own process, half-way through writing its shards
-    out, err = process.communicate(timeout=120)
+    with _started(["dvc", "repro", "sensitivity"], cwd=project, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True, env=VENV_ENV) as process:
+        pid = _wait_for(lambda: _writing(data, "sensitivity"), process)
+        os.kill(pid, signal.SIGKILL)  # the stage's own process, half-way through writing its shards
+        out, err = process.communicate(timeout=120)
     assert process.returncode != 0, out + err
     assert "failed to reproduce 'sensitivity'" in err
 

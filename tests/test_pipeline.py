@@ -38,6 +38,22 @@ def reference(model: torch.nn.Module, ids: list[list[int]]) -> tuple[float, dict
     return float(loss.detach()), {n: g for (n, _), g in zip(params, grads)}
 
 
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def float32_tolerance(model: torch.nn.Module, n_tokens: int) -> float:
+    """How far a float32 run may be from float64, relative to a tensor's largest value.
+
+    A float32 sum of m terms errs by at most about m * eps times the sum of their magnitudes
+    (the standard bound for recursive summation). Every gradient entry is a sum over the
+    predicted tokens of terms that went through reductions over the hidden size, the MLP width
+    and the vocabulary, so m is at most their total. An entry near cancellation keeps the
+    error of its larger summands, so the bound is relative to the tensor's scale, not to each
+    entry: that is why an elementwise rtol fails on some CPUs and this does not."""
+    c = model.config
+    return (n_tokens + c.hidden_size + c.intermediate_size + c.vocab_size) * EPS32
+
+
 def dense_by_metric(sens: Path, param_index: int, name: str) -> dict[str, np.ndarray]:
     table = shards.read_dense(sens, param_index, name).to_pandas()
     return {m: part.sort_values("flat_index")["score"].to_numpy() for m, part in table.groupby("metric", sort=False)}
@@ -47,12 +63,13 @@ def test_dense_shards_equal_autograd_by_hand(dense_shards, tiny_model_dir):
     sens, params = dense_shards
     prepared = sens.parent / "prepared"
     ids, _ = texts.read_prepared(prepared)
-    model = load_dir_model(tiny_model_dir)
+    model = load_dir_model(tiny_model_dir).double()  # the reference in float64: its own error is negligible
     loss, grads = reference(model, ids)
     meta = shards.read_meta(sens)
     assert meta["n_tokens"] == sum(len(s) - 1 for s in ids)
     assert meta["n_sequences"] == len(ids) == params.texts.n_texts
-    np.testing.assert_allclose(meta["avg_loss"], loss, rtol=1e-5)
+    tol = float32_tolerance(model, meta["n_tokens"])
+    np.testing.assert_allclose(meta["avg_loss"], loss, rtol=tol)
     stats = shards.read_stats(sens).to_pylist()
     names = list(dict.fromkeys(r["parameter"] for r in stats))
     assert names == list(grads)  # every matrix, in named_parameters() order
@@ -63,9 +80,10 @@ def test_dense_shards_equal_autograd_by_hand(dense_shards, tiny_model_dir):
         w = weights[r["parameter"]].detach().numpy().reshape(-1)
         g = grads[r["parameter"]].numpy().reshape(-1)
         dense = dense_by_metric(sens, r["param_index"], r["parameter"])
-        np.testing.assert_allclose(dense["grad_x_weight"], np.abs(w * g), rtol=1e-4, atol=1e-9,
+        expected = np.abs(w * g)  # float64
+        np.testing.assert_allclose(dense["grad_x_weight"], expected, rtol=tol, atol=tol * expected.max(),
                                    err_msg=r["parameter"])
-        np.testing.assert_array_equal(dense["magnitude"], np.abs(w))
+        np.testing.assert_array_equal(dense["magnitude"], np.abs(w).astype(np.float32))
 
 
 def test_candidates_are_the_top_of_the_dense_scores(dense_shards):

@@ -255,6 +255,25 @@ def test_hutchinson_pass_still_gives_exact_gradient_and_fisher(tiny_eager_model,
                                rtol=1e-5, atol=0)
 
 
+def test_hutchinson_with_fisher_keeps_its_micro_batches(tiny_eager_model, tiny_ids, monkeypatch):
+    """Only fisher's own pass runs one sequence at a time; the Hessian pass keeps the configured
+    micro-batch, so it costs probes x micro-batches Hessian-vector products, not x sequences."""
+    params = _small(tiny_eager_model)
+    alone = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 3, hutchinson_probes=2, seed=5)[0]
+    sizes = []
+    real = sensitivity.token_loss_sum
+
+    def counted(model, ids, mask):
+        sizes.append(ids.shape[0])
+        return real(model, ids, mask)
+
+    monkeypatch.setattr(sensitivity, "token_loss_sum", counted)
+    both = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson", "taylor2"], 3, hutchinson_probes=2, seed=5)[0]
+    assert sizes == [3, 3] + [1] * len(tiny_ids)  # hutchinson pass at 3, then fisher per sequence
+    assert_grads_close(both.hutchinson, alone.hutchinson, rtol=0, atol=0)  # the same batches, the same bits
+    assert_grads_close(both.fisher, reference_fisher(tiny_eager_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
+
+
 def test_hutchinson_through_chunked_cross_entropy(tiny_eager_model, tiny_ids, monkeypatch):
     """Large vocabularies take the recomputed-chunk path; double backward must go through it."""
     params = [_small(tiny_eager_model)[0], ("lm_head.weight", tiny_eager_model.lm_head.weight)]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import itertools
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,12 +32,81 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
-    """A progress bar on stderr (drawn only on a terminal), then one summary line in the log."""
+HEARTBEAT_S = 25.0  # off a terminal, a progress line at least this often (the promise is 30 s)
+
+
+def progress(items: Iterable[T], label: str, length: int | None = None,
+             work: Sequence[float] | None = None, every_s: float = HEARTBEAT_S) -> Iterator[T]:
+    """Iterate `items` with progress on stderr, then one summary line in the log.
+
+    On a terminal: a progress bar. Elsewhere (`dvc repro > log`, CI, a queue): a log line
+    every `every_s` seconds, even in the middle of a long item, with done/total and an ETA.
+    `work` (one number per item, e.g. its tokens) weighs the items for the ETA; by default
+    every item weighs the same."""
     start = time.perf_counter()
-    with click.progressbar(items, label=label, length=length, file=sys.stderr) as bar:
-        yield from bar
+    if sys.stderr.isatty():
+        with click.progressbar(items, label=label, length=length, file=sys.stderr) as bar:
+            yield from bar
+    else:
+        total = length if length is not None else (len(items) if isinstance(items, Sized) else None)
+        beat = _Heartbeat(label, total, work, every_s)
+        try:
+            for item in items:
+                yield item
+                beat.step()
+        finally:
+            beat.stop()
     log.info("%s done in %.2f s", label, time.perf_counter() - start)
+
+
+class _Heartbeat:
+    """A daemon thread that logs `label: done/total (share), elapsed, ETA` every `every_s` s."""
+
+    def __init__(self, label: str, total: int | None, work: Sequence[float] | None, every_s: float):
+        self.label, self.total, self.done = label, total, 0
+        self.cumulative = list(itertools.accumulate(work)) if work is not None else None
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), name=f"progress {label}", daemon=True)
+        self._thread.start()
+
+    def step(self) -> None:
+        self.done += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        done, total = self.done, self.total
+        elapsed = time.perf_counter() - self.start
+        counted = f"{done}/{total}" if total is not None else f"{done} done"
+        return f"{self.label}: {counted}, {_duration(elapsed)} elapsed, ETA {self._eta(done, elapsed)}"
+
+    def _eta(self, done: int, elapsed: float) -> str:
+        if self.total is None:
+            return "unknown (total not known)"
+        if done == 0:
+            return "unknown until the first item ends"
+        if self.cumulative is not None and len(self.cumulative) == self.total and self.cumulative[done - 1] > 0:
+            share = self.cumulative[done - 1] / self.cumulative[-1]
+        else:
+            share = done / self.total
+        return _duration(elapsed * (1 - share) / share)
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 03 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class Timings:

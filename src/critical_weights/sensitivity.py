@@ -215,7 +215,8 @@ def accumulate(
     with_hutchinson = "hutchinson" in metrics
     n_tokens = predicted_tokens(input_ids)
     n_seq = len(input_ids)
-    if with_fisher and micro_batch_size != 1:
+    if with_fisher and not with_hutchinson and micro_batch_size != 1:
+        # with hutchinson, the main pass keeps its micro-batches and fisher gets its own pass
         log.info("fisher/taylor2 need each sequence's own gradient: running one sequence per micro-batch")
         micro_batch_size = 1
     rank, world = distributed.world()
@@ -232,7 +233,7 @@ def accumulate(
     grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_hutchinson else {}
     loss_sum = 0.0
     try:
-        for b, batch in enumerate(progress(batches, "forward+backward")):
+        for b, batch in enumerate(progress(batches, "forward+backward", work=[sum(len(input_ids[i]) for i in b) for b in batches])):
             ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)
             if norms is not None:
                 norms.mask, norms.active = mask, True
@@ -301,7 +302,8 @@ def _fisher_pass(
     sink = _GradSink(params, with_fisher=True, n_sequences=len(input_ids))
     try:
         rank, world = distributed.world()
-        for b, i in enumerate(progress(range(rank, len(input_ids), world), "fisher: per-sequence backward")):
+        for b, i in enumerate(progress(range(rank, len(input_ids), world), "fisher: per-sequence backward",
+                                     work=[len(input_ids[i]) for i in range(rank, len(input_ids), world)])):
             ids, mask = pad_batch([list(input_ids[i])], device)
             loss = token_loss_sum(model, ids, mask)
             _check_finite(loss, b)

@@ -1,0 +1,73 @@
+"""Progress off a terminal: a heartbeat line with done/total and an ETA, even in the middle of
+a long item, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from critical_weights import progress as progress_mod
+from critical_weights.progress import _duration, _Heartbeat, progress
+
+
+@pytest.fixture
+def not_a_terminal(monkeypatch):
+    monkeypatch.setattr(progress_mod.sys.stderr, "isatty", lambda: False, raising=False)
+
+
+def _wait_for_lines(caplog, n: int, timeout: float = 30.0) -> list[str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.01)
+    pytest.fail(f"fewer than {n} progress lines: {caplog.text}")
+
+
+def test_heartbeat_lines_during_a_long_item(not_a_terminal, caplog):
+    """The first item blocks until a heartbeat line has come: lines do not wait for items."""
+    items = list(range(4))
+    with caplog.at_level(logging.INFO, logger="critical_weights"):
+        it = progress(items, "forward+backward", work=[4, 3, 2, 1], every_s=0.01)
+        assert next(it) == 0
+        first = _wait_for_lines(caplog, 1)[0]
+        assert first.startswith("forward+backward: 0/4, ") and "ETA unknown until the first item ends" in first
+        assert next(it) == 1  # item 0 is done: 4 of 10 units of work
+        caplog.clear()
+        line = _wait_for_lines(caplog, 1)[0]
+        assert line.startswith("forward+backward: 1/4, ") and "elapsed, ETA " in line
+        assert list(it) == [2, 3]
+    assert "forward+backward done in" in caplog.text
+    assert not [t for t in threading.enumerate() if t.name.startswith("progress forward")]
+
+
+def test_heartbeat_stops_when_the_loop_breaks(not_a_terminal):
+    it = progress(range(10), "scoring parameters", every_s=0.01)
+    for i in it:
+        if i == 2:
+            break
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("progress scoring")]
+
+
+def test_eta_weighs_items_by_their_work():
+    beat = _Heartbeat("x", 4, [6, 2, 1, 1], every_s=3600)
+    try:
+        assert beat._eta(1, 60.0) == "40 s"  # 6 of 10 units took 60 s: 4 units left
+        beat_even = _Heartbeat("y", 4, None, every_s=3600)
+        assert beat_even._eta(1, 60.0) == "3 min 00 s"
+        beat_even.stop()
+        unknown = _Heartbeat("z", None, None, every_s=3600)
+        assert unknown.line().startswith("z: 0 done, ") and "total not known" in unknown.line()
+        unknown.stop()
+    finally:
+        beat.stop()
+
+
+@pytest.mark.parametrize("seconds, text", [(4.4, "4 s"), (59.6, "1 min 00 s"), (245, "4 min 05 s"), (7380, "2 h 03 min")])
+def test_duration_reads_like_a_clock(seconds, text):
+    assert _duration(seconds) == text
