@@ -381,7 +381,7 @@ def write_synthetic_shards(folder: Path, size: str, metrics: tuple[str, ...], ke
         "loss_sum": 12.0 * n_tokens, "avg_loss": 12.0, "perplexity": float(np.exp(12.0)), "n_tokens": n_tokens,
         "n_sequences": int(prep_meta["n_texts"]), "n_parameters": len(scored),
         "n_weights": sum(r * c for _, (r, c), _ in scored), "metrics": list(metrics), "keep": keep,
-        "parameters": "matrices", "wanda_skipped": {},
+        "parameters": "weights", "wanda_skipped": {},
         "hist_log10_edges": {"low": scoring.HIST_LOW, "high": scoring.HIST_HIGH, "per_decade": scoring.HIST_PER_DECADE},
         "params": {"seed": seed},
     })

@@ -30,8 +30,8 @@ def _configs() -> dict[str, Callable]:
         "qwen3": lambda: T.Qwen3Config(**c, head_dim=8),
         "mistral": lambda: T.MistralConfig(**c),
         "olmo2": lambda: T.Olmo2Config(**c),
-        "gemma2": lambda: T.Gemma2Config(**c, head_dim=8, final_logit_softcapping=3.0),
-        "gemma3_text": lambda: T.Gemma3TextConfig(**c, head_dim=8, final_logit_softcapping=3.0),
+        "gemma2": lambda: T.Gemma2Config(**c, head_dim=8, final_logit_softcapping=1.0),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**c, head_dim=8, final_logit_softcapping=1.0),
         "phi3": lambda: T.Phi3Config(**c),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
                                      bos_token_id=None, eos_token_id=None),
@@ -64,3 +64,15 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             else:
                 p.add_(torch.randn_like(p), alpha=0.05)
     return model
+
+
+def tokenizer():
+    """A WordLevel tokenizer of VOCAB tokens `t0` .. `t95`, built offline (for decoding rows)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")

@@ -81,7 +81,7 @@ def _sensitivity(run: Path, params: Path):
 def test_nan_loss_stops_the_run_naming_the_micro_batch(tiny_model, tiny_ids):
     with torch.no_grad():
         tiny_model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
-    params = sens_lib.scored_parameters(tiny_model, "matrices")
+    params = sens_lib.scored_parameters(tiny_model, "weights")
     with pytest.raises(NumericalError) as info:
         sens_lib.accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=2)
     assert str(info.value) == "the loss of micro-batch 0 is nan; try model.dtype float32"
@@ -90,7 +90,7 @@ def test_nan_loss_stops_the_run_naming_the_micro_batch(tiny_model, tiny_ids):
 def test_infinite_gradient_stops_the_run_naming_the_parameter(tiny_model, tiny_ids):
     weight = tiny_model.model.layers[1].mlp.down_proj.weight
     handle = weight.register_hook(lambda g: g * float("inf"))  # the loss stays finite, its gradient does not
-    params = sens_lib.scored_parameters(tiny_model, "matrices")
+    params = sens_lib.scored_parameters(tiny_model, "weights")
     try:
         with pytest.raises(NumericalError) as info:
             sens_lib.accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=2)
@@ -386,7 +386,7 @@ near_keys = st.one_of(
 )
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=30),
-    st.sampled_from(["grad_x_weight", "fisher", "magnitude", "cuda", "cpu", "float16", "auto", "global", "matrices",
+    st.sampled_from(["grad_x_weight", "fisher", "magnitude", "cuda", "cpu", "float16", "auto", "global", "weights",
                      "", " ", "1e3", "yes", "NaN"]),
 )
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=5),

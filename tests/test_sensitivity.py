@@ -83,8 +83,8 @@ def assert_grads_close(actual: dict, expected: dict, **tol) -> None:
 # ----------------------------------------------------------------------------- scored_parameters
 
 
-def test_scored_parameters_are_the_matrices_in_named_parameters_order(tiny_model):
-    chosen = scored_parameters(tiny_model, "matrices")
+def test_scored_parameters_are_the_weights_in_named_parameters_order(tiny_model):
+    chosen = scored_parameters(tiny_model, "weights")
     expected = [n for n, p in tiny_model.named_parameters() if p.ndim == 2]
     assert [n for n, _ in chosen] == expected
     assert all(p.ndim == 2 for _, p in chosen)
@@ -94,7 +94,7 @@ def test_scored_parameters_are_the_matrices_in_named_parameters_order(tiny_model
 
 
 def test_scored_parameters_count_tied_weights_once_under_their_first_name(tiny_tied_model):
-    chosen = scored_parameters(tiny_tied_model, "matrices")
+    chosen = scored_parameters(tiny_tied_model, "weights")
     names = [n for n, _ in chosen]
     assert names[0] == "model.embed_tokens.weight"
     assert "lm_head.weight" not in names
@@ -109,8 +109,8 @@ def test_scored_parameters_all_adds_norms(tiny_model):
 
 
 def test_scored_parameters_without_any_matrix_raises():
-    with pytest.raises(ModelError, match=r"^sensitivity.parameters: 'matrices' selects no parameter of this model$"):
-        scored_parameters(torch.nn.LayerNorm(4), "matrices")
+    with pytest.raises(ModelError, match=r"^sensitivity.parameters: 'weights' selects no parameter of this model$"):
+        scored_parameters(torch.nn.LayerNorm(4), "weights")
 
 
 def test_predicted_tokens_skips_the_first_position_of_each_sequence(tiny_ids):
@@ -123,7 +123,7 @@ def test_predicted_tokens_skips_the_first_position_of_each_sequence(tiny_ids):
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_tied_model"])
 def test_gradient_equals_autograd_of_the_mean_token_loss(request, model_fixture, tiny_ids):
     model = request.getfixturevalue(model_fixture)
-    params = scored_parameters(model, "matrices")
+    params = scored_parameters(model, "weights")
     before = {n: p.detach().clone() for n, p in params}
     acc, skipped = accumulate(model, tiny_ids, params, ["grad_x_weight", "magnitude"], micro_batch_size=8)
     assert skipped == {}
@@ -140,7 +140,7 @@ def test_gradient_equals_autograd_of_the_mean_token_loss(request, model_fixture,
 
 
 def test_micro_batching_never_changes_the_loss_or_gradient(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     runs = [
         accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=1)[0],
         accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=8)[0],
@@ -156,7 +156,7 @@ def test_micro_batching_never_changes_the_loss_or_gradient(tiny_model, tiny_ids)
 
 def test_chunked_cross_entropy_gives_the_same_gradient(tiny_model, tiny_ids, monkeypatch):
     """Past the logits budget the head runs in recomputed chunks; the result is unchanged."""
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     whole = accumulate(tiny_model, tiny_ids, params, ["grad_x_weight", "wanda"], micro_batch_size=8)[0]
     monkeypatch.setattr(sensitivity, "LOGITS_BUDGET_BYTES", 4 * 96 * 5)  # 5 positions per chunk
     chunked = accumulate(tiny_model, tiny_ids, params, ["grad_x_weight", "wanda"], micro_batch_size=8)[0]
@@ -167,10 +167,10 @@ def test_chunked_cross_entropy_gives_the_same_gradient(tiny_model, tiny_ids, mon
 
 
 def test_bfloat16_model_accumulates_float32_gradients(tiny_model, tiny_ids):
-    params32 = scored_parameters(tiny_model, "matrices")
+    params32 = scored_parameters(tiny_model, "weights")
     expected = reference_grads(tiny_model, tiny_ids, params32)
     model = tiny_model.to(torch.bfloat16)
-    acc, _ = accumulate(model, tiny_ids, scored_parameters(model, "matrices"), ["grad_x_weight"], micro_batch_size=2)
+    acc, _ = accumulate(model, tiny_ids, scored_parameters(model, "weights"), ["grad_x_weight"], micro_batch_size=2)
     for name, g in acc.grad.items():
         assert g.dtype == torch.float32
         # bf16 forward: only a loose agreement is possible
@@ -181,7 +181,7 @@ def test_bfloat16_model_accumulates_float32_gradients(tiny_model, tiny_ids):
 def test_non_finite_loss_raises_numerical_error(tiny_model, tiny_ids):
     with torch.no_grad():
         tiny_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     with pytest.raises(NumericalError, match=r"^the loss of micro-batch 0 is nan; try model.dtype float32$"):
         accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=8)
     assert all(p.grad is None for _, p in params)
@@ -192,7 +192,7 @@ def test_non_finite_loss_raises_numerical_error(tiny_model, tiny_ids):
 
 @pytest.mark.parametrize("metric", ["fisher", "taylor2"])
 def test_fisher_is_the_mean_of_per_sequence_squared_gradients(tiny_model, tiny_ids, metric):
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     acc, _ = accumulate(tiny_model, tiny_ids, params, [metric], micro_batch_size=8)
     assert_grads_close(acc.fisher, reference_fisher(tiny_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
     # the per-sequence pass still yields the exact dL/dW
@@ -313,7 +313,7 @@ def activation_sums(model: torch.nn.Module, ids: list[list[int]], names: list[st
 
 
 def test_wanda_activation_norms_equal_forward_hooks_over_real_tokens(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     acc, skipped = accumulate(tiny_model, tiny_ids, params, ["wanda"], micro_batch_size=4)
     in_blocks = [n for n, _ in params if ".layers." in n]
     assert set(acc.act_sq) == {*in_blocks, "lm_head.weight"}
@@ -325,7 +325,7 @@ def test_wanda_activation_norms_equal_forward_hooks_over_real_tokens(tiny_model,
 
 
 def test_wanda_output_head_norms_cover_every_real_token(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "matrices")
+    params = scored_parameters(tiny_model, "weights")
     acc, _ = accumulate(tiny_model, tiny_ids, params, ["wanda"], micro_batch_size=4)
     expected = activation_sums(tiny_model, tiny_ids, ["lm_head.weight"])
     torch.testing.assert_close(acc.act_sq["lm_head.weight"], expected["lm_head.weight"], rtol=1e-5, atol=1e-5)

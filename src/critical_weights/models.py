@@ -23,6 +23,7 @@ import torch
 from critical_weights import gguf_cache, kernels
 from critical_weights.checkpoints import check_weight_files
 from critical_weights.errors import ModelError, ParamsError, first_line
+from critical_weights.layout import is_experts_module
 from critical_weights.params import ModelParams
 
 log = logging.getLogger(__name__)
@@ -252,18 +253,24 @@ def resolve_device(params: ModelParams) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(source: ModelSource, params: ModelParams, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Load the causal LM in eval mode, with SDPA attention, on `device` in `dtype`."""
+    """Load the causal LM in eval mode on `device` in `dtype`, with SDPA attention where the
+    architecture supports it and its own default otherwise (Gemma-2 and gpt-oss refuse SDPA)."""
     from transformers import AutoModelForCausalLM
 
     location, kwargs = _cached_gguf_model(source, params)
     if params.device_map == "auto":
         kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, attn_implementation="sdpa", **kwargs
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        except ValueError as err:
+            if "scaled_dot_product_attention" not in str(err):
+                raise
+            log.info("%s does not support SDPA attention; using its default", source.name)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except (*LOAD_ERRORS, RuntimeError) as err:
         raise ModelError(f"model.name: cannot load {source.name} as a causal LM ({first_line(err)})") from None
+    log.info("attention implementation: %s", implementations(model))
     if params.device_map != "auto":
         model.to(device)
     model.eval()
@@ -308,9 +315,31 @@ def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) 
         "vocab_size": getattr(config, "vocab_size", None),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "implementations": implementations(model),
         "device": device.type,
         "numerics": kernels.describe(),
     }
+
+
+def implementations(model: torch.nn.Module) -> dict[str, str]:
+    """The attention (and, for Mixture-of-Experts models, experts) implementation in use."""
+    config = model.config
+    out = {"attention": str(config._attn_implementation)}
+    if getattr(config, "_experts_implementation", None) and any(is_experts_module(m) for m in model.modules()):
+        out["experts"] = str(config._experts_implementation)
+    return out
+
+
+def use_implementations(model: torch.nn.Module, why: str, attention: str | None = None, experts: str | None = None) -> None:
+    """Switch the attention and/or experts implementation for a metric that needs it, and log it."""
+    before = implementations(model)
+    if attention is not None and before["attention"] != attention:
+        model.set_attn_implementation(attention)
+    if experts is not None and before.get("experts") not in (None, experts):
+        model.set_experts_implementation(experts)
+    after = implementations(model)
+    if after != before:
+        log.info("%s: switching implementations %s -> %s", why, before, after)
 
 
 def sha256_file(path: Path) -> str:

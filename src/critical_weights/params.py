@@ -25,7 +25,7 @@ RANK_MODES = ("per_layer", "per_block", "per_component", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("none", "auto")
-PARAMETER_SETS = ("matrices", "all")
+PARAMETER_SETS = ("weights", "all")
 HEATMAP_STATS = ("max", "mean")
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
 CONTROLS = ("random_k", "bottom_k")
@@ -52,7 +52,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class SensitivityParams:
     metrics: tuple[str, ...] = param(("grad_x_weight", "magnitude"), Choices(METRICS))  # computed in one run
-    parameters: str = param("matrices", Choice(PARAMETER_SETS))  # matrices = every 2-D weight; all = also norms and biases
+    parameters: str = param("weights", Choice(PARAMETER_SETS))  # weights = every weight tensor of ndim >= 2 (experts too); all = also norms and biases
     micro_batch_size: int = param(8, Integer(minimum=1))  # sequences per forward+backward
     batch_tokens: int = param(0, Integer(minimum=0))  # token budget per micro-batch (padded), 0 = no budget
     keep: int = param(1000, Integer(minimum=1))  # top candidates kept per parameter and metric; rank.k must be <= keep

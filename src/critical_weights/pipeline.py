@@ -52,8 +52,9 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     """The work after loading: accumulate over the texts, score every parameter, write shards."""
     p_sens = params.sensitivity
     if "hutchinson" in p_sens.metrics:
-        # Hessian-vector products need double backward, which fused SDPA kernels lack
-        model.set_attn_implementation("eager")
+        # Hessian-vector products need double backward, which fused SDPA and grouped_mm kernels lack
+        models.use_implementations(model, "hutchinson needs double backward", attention="eager", experts="eager")
+    extra_meta = {**extra_meta, "model": {**extra_meta.get("model", {}), "implementations": models.implementations(model)}}
     params_list = scored_parameters(model, p_sens.parameters)
     with timings.phase("forward+backward"):
         try:

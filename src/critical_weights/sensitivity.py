@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from critical_weights import distributed
 from critical_weights.batching import make_batches
 from critical_weights.errors import ModelError, NumericalError
+from critical_weights.layout import is_bias
 from critical_weights.progress import progress
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ class Accumulators:
 def scored_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Parameters to score, in `named_parameters()` order; tied weights once, first name.
 
-    `matrices`: every 2-D weight. `all`: every parameter.
+    `weights`: every weight tensor of ndim >= 2 (3-D expert tensors included), biases left out
+    (expert biases such as `gate_up_proj_bias` too). `all`: every parameter.
     """
-    chosen = [(n, p) for n, p in model.named_parameters() if which == "all" or p.ndim == 2]
+    chosen = [(n, p) for n, p in model.named_parameters() if which == "all" or p.ndim >= 2 and not is_bias(n)]
     if not chosen:
         raise ModelError(f"sensitivity.parameters: {which!r} selects no parameter of this model")
     return chosen
@@ -74,32 +76,72 @@ def pad_batch(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
-def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+class _GivenHidden(torch.nn.Module):
+    """Stands in for the base model: hands back the hidden states it is given as inputs_embeds,
+    in an output whose other fields (router logits, attentions, cache, ...) all read None."""
+
+    def forward(self, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        class HiddenOnly(BaseModelOutputWithPast):
+            def __getattr__(self, name: str) -> None:
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return None
+
+        return HiddenOnly(last_hidden_state=inputs_embeds)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model below the output head (`model.model`, `transformer`, `gpt_neox`, ...)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        raise ModelError(f"{type(model).__name__} has no base model below its output head; cannot compute its logits")
+    return base
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own logits for final hidden states (n, C) -> (n, V), model dtype.
+
+    Runs the model's own forward with its base model swapped for one that returns `hidden`,
+    so everything the model does after its blocks happens exactly as in `model(...)`: the
+    output head, Gemma's final_logit_softcapping, Granite's logits_scaling, Cohere's
+    logit_scale, and whatever a future architecture adds."""
+    prefix = model.base_model_prefix
+    base = base_model(model)
+    setattr(model, prefix, _GivenHidden())
+    try:
+        out = model(inputs_embeds=hidden.unsqueeze(0), use_cache=False)
+    finally:
+        setattr(model, prefix, base)
+    return out.logits[0]
+
+
+def _chunk_ce(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # hidden (n, C), targets (n,) -> summed cross-entropy, float32 scalar
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(output_logits(model, hidden).float(), targets, reduction="sum")
 
 
 def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the real tokens of a padded batch (float32 scalar).
 
-    Logits come from the output head applied to the final hidden states of the real
-    predicting positions only. When those logits would exceed LOGITS_BUDGET_BYTES in
-    float32, they are computed in chunks that are recomputed in backward, so the full
-    float32 logits never exist at once.
+    The base model runs once over the batch; the model's own output path (`output_logits`)
+    then runs on the final hidden states of the real predicting positions only. When their
+    float32 logits would exceed LOGITS_BUDGET_BYTES, they are computed in chunks that are
+    recomputed in backward, so the full float32 logits never exist at once.
     """
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, C)
+    hidden = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)[0]  # (B, T, C)
     valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
     h = hidden[:, :-1][valid]  # (n, C)
     y = ids[:, 1:][valid]  # (n,)
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
     chunk = max(1, LOGITS_BUDGET_BYTES // (4 * vocab))
     if h.shape[0] <= chunk:
-        return _chunk_ce(head, h, y)
+        return _chunk_ce(model, h, y)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         part = torch.utils.checkpoint.checkpoint(
-            _chunk_ce, head, h[start : start + chunk], y[start : start + chunk], use_reentrant=False
+            _chunk_ce, model, h[start : start + chunk], y[start : start + chunk], use_reentrant=False
         )
         total = total + part
     return total
