@@ -142,6 +142,22 @@ def write_params(tmp_path) -> Callable[..., Path]:
     return write
 
 
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def float32_tolerance(model: torch.nn.Module, n_tokens: int) -> float:
+    """How far a float32 run may be from float64, relative to a tensor's largest value.
+
+    A float32 sum of m terms errs by at most about m * eps times the sum of their magnitudes
+    (the standard bound for recursive summation). Every gradient entry is a sum over the
+    predicted tokens of terms that went through reductions over the hidden size, the MLP width
+    and the vocabulary, so m is at most their total. An entry near cancellation keeps the
+    error of its larger summands, so the bound is relative to the tensor's scale, not to each
+    entry: that is why an elementwise rtol fails on some CPUs and this does not."""
+    c = model.config
+    return (n_tokens + c.hidden_size + c.intermediate_size + c.vocab_size) * EPS32
+
+
 def tiny_params(model_dir: Path, **sections) -> Params:
     """Params() defaults pointed at a tiny model folder and the project corpus, small enough for
     tests; `sections` replace fields section by section, e.g. rank={"k": 3}."""

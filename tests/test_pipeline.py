@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_prepare_and_sensitivity, tiny_params
+from conftest import float32_tolerance, run_prepare_and_sensitivity, tiny_params
 from critical_weights import shards, texts
 from critical_weights.pipeline import run_sensitivity
 from critical_weights.progress import Timings
@@ -36,22 +36,6 @@ def reference(model: torch.nn.Module, ids: list[list[int]]) -> tuple[float, dict
     loss = total / sum(len(s) - 1 for s in ids)
     grads = torch.autograd.grad(loss, [p for _, p in params])
     return float(loss.detach()), {n: g for (n, _), g in zip(params, grads)}
-
-
-EPS32 = float(np.finfo(np.float32).eps)
-
-
-def float32_tolerance(model: torch.nn.Module, n_tokens: int) -> float:
-    """How far a float32 run may be from float64, relative to a tensor's largest value.
-
-    A float32 sum of m terms errs by at most about m * eps times the sum of their magnitudes
-    (the standard bound for recursive summation). Every gradient entry is a sum over the
-    predicted tokens of terms that went through reductions over the hidden size, the MLP width
-    and the vocabulary, so m is at most their total. An entry near cancellation keeps the
-    error of its larger summands, so the bound is relative to the tensor's scale, not to each
-    entry: that is why an elementwise rtol fails on some CPUs and this does not."""
-    c = model.config
-    return (n_tokens + c.hidden_size + c.intermediate_size + c.vocab_size) * EPS32
 
 
 def dense_by_metric(sens: Path, param_index: int, name: str) -> dict[str, np.ndarray]:

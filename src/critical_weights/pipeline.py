@@ -79,23 +79,43 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
             stats += _score_parameter(tmp, index, name, weight, acc, params, skipped,
                                       tokenizer if id(weight) in token_rows else None)
         shards.write_stats(tmp, stats)
-        shards.write_meta(tmp, {
-            **extra_meta,
-            "loss_sum": acc.loss_sum, "avg_loss": avg_loss, "perplexity": perplexity(avg_loss),
-            "n_tokens": acc.n_tokens, "n_sequences": acc.n_sequences,
-            "n_parameters": len(params_list), "n_weights": sum(w.numel() for _, w in params_list),
-            "metrics": list(p_sens.metrics), "keep": p_sens.keep, "parameters": p_sens.parameters,
-            "wanda_skipped": skipped if "wanda" in p_sens.metrics else {},
-            "hist_log10_edges": {"low": scoring.HIST_LOW, "high": scoring.HIST_HIGH, "per_decade": scoring.HIST_PER_DECADE},
-            "params": {"seed": params.seed, "model": dataclasses.asdict(params.model), "sensitivity": dataclasses.asdict(p_sens)},
-        })
+        shards.write_meta(tmp, shards_meta(extra_meta, params, acc.loss_sum, acc.n_tokens, acc.n_sequences,
+                                           len(params_list), sum(w.numel() for _, w in params_list), skipped))
     log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
 
 
-def _columns(metric: str, index: np.ndarray, score: np.ndarray, w_flat: torch.Tensor, g_flat: torch.Tensor,
-             n_cols: int, tokenizer: Any) -> dict[str, list]:
-    """Candidate rows (CANDIDATE_SCHEMA, less parameter) for flat indices `index`, in order."""
-    idx = torch.from_numpy(index).to(w_flat.device)
+def shards_meta(extra_meta: dict[str, Any], params: Params, loss_sum: float, n_tokens: int, n_sequences: int,
+                n_parameters: int, n_weights: int, skipped: dict[str, str]) -> dict[str, Any]:
+    """The shards' meta.json: what was measured, over what, and with which params."""
+    p_sens = params.sensitivity
+    avg_loss = loss_sum / n_tokens
+    return {
+        **extra_meta,
+        "loss_sum": loss_sum, "avg_loss": avg_loss, "perplexity": perplexity(avg_loss),
+        "n_tokens": n_tokens, "n_sequences": n_sequences, "n_parameters": n_parameters, "n_weights": n_weights,
+        "metrics": list(p_sens.metrics), "keep": p_sens.keep, "parameters": p_sens.parameters,
+        "wanda_skipped": skipped if "wanda" in p_sens.metrics else {},
+        "hist_log10_edges": {"low": scoring.HIST_LOW, "high": scoring.HIST_HIGH, "per_decade": scoring.HIST_PER_DECADE},
+        "params": {"seed": params.seed, "model": dataclasses.asdict(params.model), "sensitivity": dataclasses.asdict(p_sens)},
+    }
+
+
+def stats_row(index: int, name: str, shape: tuple[int, ...], n_rows: int, n_cols: int, token_rows: bool,
+              metric: str, s: scoring.Summary) -> dict[str, Any]:
+    """One row of the stats shard (STATS_SCHEMA): one parameter, one metric."""
+    return {
+        "param_index": index, "parameter": name, "shape": list(shape),
+        "n_rows": n_rows, "n_cols": n_cols, "token_rows": token_rows, "metric": metric,
+        "count": s.count, "sum": s.total, "mean": s.mean, "std": s.std, "min": s.minimum, "max": s.maximum,
+        "zeros": s.zeros, "negatives": s.negatives, "hist": s.hist.tolist(),
+        "grid_rows": s.grid.shape[0], "grid_cols": s.grid.shape[1], "grid": s.grid.reshape(-1).tolist(),
+    }
+
+
+def candidate_columns(metric: str, index: np.ndarray, score: np.ndarray, weight: np.ndarray, gradient: np.ndarray,
+                      n_cols: int, tokenizer: Any) -> dict[str, list]:
+    """Candidate rows (CANDIDATE_SCHEMA, less parameter) for flat indices `index`, in order;
+    `weight` and `gradient` are the (k,) float32 values at those indices."""
     rows = (index // n_cols).tolist()
     return {
         "metric": [metric] * len(index),
@@ -104,8 +124,8 @@ def _columns(metric: str, index: np.ndarray, score: np.ndarray, w_flat: torch.Te
         "row": rows,
         "col": (index % n_cols).tolist(),
         "score": score.tolist(),
-        "weight": w_flat[idx].float().cpu().tolist(),
-        "gradient": g_flat[idx].cpu().tolist(),
+        "weight": weight.tolist(),
+        "gradient": gradient.tolist(),
         "token": [tokenizer.decode([r]) for r in rows] if tokenizer is not None else [None] * len(index),
     }
 
@@ -125,15 +145,11 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
         scores: list[np.ndarray] | None = [] if params.sensitivity.dense else None
         s = scoring.summarise(metric, name, weight, acc, params.sensitivity.keep, scores)
         for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
-            for key, values in _columns(metric, i, v, w_flat, g_flat, n_cols, tokenizer).items():
+            idx = torch.from_numpy(i).to(w_flat.device)
+            at_w, at_g = w_flat[idx].float().cpu().numpy(), g_flat[idx].cpu().numpy()  # (k,) float32
+            for key, values in candidate_columns(metric, i, v, at_w, at_g, n_cols, tokenizer).items():
                 store.setdefault(key, []).extend(values)
-        stats.append({
-            "param_index": index, "parameter": name, "shape": list(weight.shape),
-            "n_rows": n_rows, "n_cols": n_cols, "token_rows": tokenizer is not None, "metric": metric,
-            "count": s.count, "sum": s.total, "mean": s.mean, "std": s.std, "min": s.minimum, "max": s.maximum,
-            "zeros": s.zeros, "negatives": s.negatives, "hist": s.hist.tolist(),
-            "grid_rows": s.grid.shape[0], "grid_cols": s.grid.shape[1], "grid": s.grid.reshape(-1).tolist(),
-        })
+        stats.append(stats_row(index, name, tuple(weight.shape), n_rows, n_cols, tokenizer is not None, metric, s))
         if scores is not None:
             dense[metric] = np.concatenate(scores)
     if stats:

@@ -1,0 +1,71 @@
+"""What pinning the CPU kernels to AVX2 costs: forward+backward of the embedded default model
+under the pinned kernels and under this CPU's native ones, each run in a process of its own,
+alternated (A B A B ...) so that load on a shared machine falls on both alike.
+
+    python benchmarks/kernel_cost.py --n-texts 16 --repeats 2
+
+Prints one line per run and the ratio pinned / native of the median seconds. Results: RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+PINNED_KEYS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "CRITICAL_WEIGHTS_CPU_KERNELS")
+
+# One forward+backward over the first N corpus texts (max_length 256), in the child process.
+_CHILD = """
+import json, sys, time
+import torch
+from pathlib import Path
+from critical_weights import kernels, models, sensitivity, texts
+from critical_weights.params import ModelParams
+n, micro = int(sys.argv[1]), int(sys.argv[2])
+p = ModelParams()
+source = models.resolve_source(p.name)
+tok = models.load_tokenizer(source, p)
+model = models.load_model(source, p, torch.device("cpu"), torch.float32)
+raw = texts.read_texts(Path(sys.argv[3]))[:n]
+ids = [tok(t)["input_ids"][:256] for t in raw]
+params = sensitivity.scored_parameters(model, "matrices")
+start = time.perf_counter()
+sensitivity.accumulate(model, ids, params, ["grad_x_weight"], micro)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)), **kernels.describe()}))
+"""
+
+
+def run_once(setting: str, n_texts: int, micro: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in PINNED_KEYS}
+    env["CRITICAL_WEIGHTS_CPU_KERNELS"] = setting
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(n_texts), str(micro), str(ROOT / "data/texts/corpus.jsonl")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@click.command(help=__doc__)
+@click.option("--n-texts", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
+def main(n_texts: int, micro_batch_size: int, repeats: int) -> None:
+    seconds: dict[str, list[float]] = {"avx2": [], "native": []}
+    for _ in range(repeats):
+        for setting in seconds:
+            r = run_once(setting, n_texts, micro_batch_size)
+            seconds[setting].append(r["seconds"])
+            click.echo(f"{setting:6s} ({r['cpu_capability']}, {r['threads']} threads): forward+backward "
+                       f"{r['seconds']:.2f} s for {r['tokens']} tokens ({r['tokens'] / r['seconds']:.0f} tokens/s)")
+    ratio = statistics.median(seconds["avx2"]) / statistics.median(seconds["native"])
+    click.echo(f"pinned avx2 / native, median seconds: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
