@@ -35,7 +35,7 @@ tok = models.load_tokenizer(source, p)
 model = models.load_model(source, p, torch.device("cpu"), torch.float32)
 raw = texts.read_texts(Path(sys.argv[3]))[:n]
 ids = [tok(t)["input_ids"][:256] for t in raw]
-params = sensitivity.scored_parameters(model, "matrices")
+params = sensitivity.scored_parameters(model, "weights")
 start = time.perf_counter()
 sensitivity.accumulate(model, ids, params, ["grad_x_weight"], micro)
 seconds = time.perf_counter() - start
