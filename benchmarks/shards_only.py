@@ -8,6 +8,7 @@ time, so the time this takes is the host-side share of "score and write"."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,20 @@ def random_summary(rng: np.random.Generator, numel: int, grid: tuple[int, int], 
 
 def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any, prep_meta: dict[str, str]) -> None:
     """Shards of SIZE's shape with random scores, for every metric of `params` (a Params)."""
-    from critical_weights import scoring, shards
+    from critical_weights import layout, scoring, shards
     from critical_weights.pipeline import candidate_columns, shards_meta, stats_row
+    from critical_weights.sensitivity import scored_parameters
 
     model = build_model(size, torch.device("meta"), torch.float32, params.seed)
     token_rows = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    scored = [(n, tuple(p.shape), id(p) in token_rows) for n, p in model.named_parameters() if p.ndim == 2]
+    weights = scored_parameters(model, "weights")
+    places = layout.describe(model, [n for n, _ in weights])
+    scored = [(n, tuple(p.shape), id(p) in token_rows) for n, p in weights]
     rng = np.random.default_rng(params.seed)
     folder.mkdir(parents=True)
     stats = []
     for index, (name, shape, is_token) in enumerate(scored):
-        n_rows, n_cols = shape
+        n_rows, n_cols = scoring.as_matrix(torch.empty(shape, device="meta")).shape
         top: dict[str, list] = {}
         bottom: dict[str, list] = {}
         for metric in params.sensitivity.metrics:
@@ -57,17 +61,17 @@ def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any,
             for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
                 weight = rng.normal(0, INIT_STD, len(i)).astype(np.float32)
                 gradient = rng.normal(0, 1e-6, len(i)).astype(np.float32)
-                for key, values in candidate_columns(metric, i, v, weight, gradient, n_cols,
+                for key, values in candidate_columns(metric, i, v, weight, gradient, places[name],
                                                      tokenizer if is_token else None).items():
                     store.setdefault(key, []).extend(values)
-            stats.append(stats_row(index, name, shape, n_rows, n_cols, is_token, metric, s))
+            stats.append(stats_row(index, places[name], is_token, metric, s))
         shards.write_candidates(folder, index, name, top)
         shards.write_candidates(folder, index, name, bottom, kind="bottom")
     shards.write_stats(folder, stats)
     n_tokens = int(prep_meta["n_tokens"]) - int(prep_meta["n_texts"])
     extra = {"model": {"name": f"synthetic {size}"}, "text_sha256": prep_meta["text_sha256"], "prepare": prep_meta}
     shards.write_meta(folder, shards_meta(extra, params, 12.0 * n_tokens, n_tokens, int(prep_meta["n_texts"]),
-                                          len(scored), sum(r * c for _, (r, c), _ in scored), {}))
+                                          len(scored), sum(math.prod(shape) for _, shape, _ in scored), {}))
 
 
 def _distinct(rng: np.random.Generator, numel: int, n: int) -> np.ndarray:

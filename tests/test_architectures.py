@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import architectures
-from architectures import ARCHITECTURES, VOCAB, build
+from architectures import ARCHITECTURES, MOE, VOCAB, build
 from conftest import tiny_params
-from critical_weights import sensitivity, shards
+from critical_weights import layout, sensitivity, shards
 from critical_weights.pipeline import compute_shards
 from critical_weights.progress import Timings
 from critical_weights.sensitivity import pad_batch, scored_parameters, token_loss_sum
@@ -98,3 +99,96 @@ def test_dense_grad_x_weight_is_w_times_autograd_of_the_models_loss(arch, ids, t
         assert scale > 0, f"{name}: every gradient is zero"
         n_tokens = sum(n - 1 for n in LENGTHS)
         torch.testing.assert_close(got, want, atol=2 * n_tokens * EPS32 * scale, rtol=0, msg=name)
+
+
+class _Inputs(TorchFunctionMode):
+    """Reference input norms: for every matrix product whose weight operand is a scored tensor
+    or one expert's slice of it (transformers' eager experts), adds x_j^2 over its input rows
+    into (E, in) or (in,) sums in input-feature space; also counts router picks."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], layouts: dict):
+        super().__init__()
+        self.by_storage = {w.untyped_storage().data_ptr(): n for n, w in weights.items()}
+        self.weights, self.layouts = weights, layouts
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        x, w = (args[1], args[2]) if name == "addmm" else (args[0], args[1]) if name in ("linear", "matmul", "__matmul__") else (None, None)
+        if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() in self.by_storage:
+            pname = self.by_storage[w.untyped_storage().data_ptr()]
+            t = self.layouts[pname]
+            sq = x.detach().reshape(-1, x.shape[-1]).double().square().sum(0)  # (in,)
+            if t.n_experts:
+                expert = (w.storage_offset() - self.weights[pname].storage_offset()) // self.weights[pname].stride(0)
+                self.sums.setdefault(pname, torch.zeros(t.n_experts, t.n_in, dtype=torch.float64))[expert] += sq
+            else:
+                self.sums[pname] = self.sums.get(pname, 0) + sq
+        return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_wanda_scores_every_weight_that_multiplies_an_input(arch, ids, tmp_path):
+    """Dense wanda scores equal |w| times the L2 norm of the weight's input feature over the
+    real tokens (each expert: the tokens routed to it), taken from transformers' eager
+    forward, text by text; only embeddings are skipped."""
+    model = build(arch)
+    names = [n for n, _ in scored_parameters(model, "weights")]
+    layouts = layout.describe(model, names)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in layouts}
+    head = model.get_output_embeddings().weight
+    ref = _Inputs({n: w for n, w in weights.items() if w is not head}, layouts)
+    if arch in MOE:
+        model.set_experts_implementation("eager")
+    with torch.no_grad(), ref:
+        for s in ids:
+            model(input_ids=torch.tensor([s]))
+    if arch in MOE:
+        model.set_experts_implementation("grouped_mm")
+    params = tiny_params("unused", sensitivity={"metrics": ("wanda",), "dense": True, "micro_batch_size": 3})
+    compute_shards(model, architectures.tokenizer(), ids, params, tmp_path / "s", Timings("t"), {})
+    meta = shards.read_meta(tmp_path / "s")
+    assert all(layouts[n].kind == "embedding" for n in meta["wanda_skipped"])
+    stats = shards.read_stats(tmp_path / "s")
+    scored = dict(zip(stats["parameter"].to_pylist(), stats["param_index"].to_pylist()))
+    assert set(scored) == set(names) - set(meta["wanda_skipped"])
+    for name, index in scored.items():
+        if weights[name] is head:
+            continue  # its inputs are the base model's outputs over every real token: test_sensitivity
+        t = layouts[name]
+        dense = shards.read_dense(tmp_path / "s", index, name)
+        got = torch.tensor(dense["score"].to_numpy())
+        expert, row, col = t.coordinates(np.arange(got.numel()))
+        norm = ref.sums[name].sqrt()
+        norm = norm[expert, col] if expert is not None else norm[col]
+        want = weights[name].reshape(-1).double().abs() * norm
+        # a sum of squares over N tokens in float32, then a sqrt and a product: N + 3 ulp
+        n_tokens = sum(LENGTHS)
+        torch.testing.assert_close(got.double(), want, rtol=2 * (n_tokens + 3) * EPS32, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_router_picks_are_counted_over_real_tokens(arch, ids, tmp_path):
+    """meta.json holds, per Mixture-of-Experts layer, how often its router picked each expert:
+    top-k picks for every real token, as the router's own indices say text by text."""
+    model = build(arch)
+    picks: dict[str, torch.Tensor] = {}
+    handles = []
+    for m in layout.moe_layers(model):
+        def hook(module, args, out, path=m.experts, n=m.n_experts):
+            picks[path] = picks.get(path, 0) + torch.bincount(out[-1].reshape(-1), minlength=n)
+        handles.append(model.get_submodule(m.router).register_forward_hook(hook))
+    with torch.no_grad():
+        for s in ids:
+            model(input_ids=torch.tensor([s]))
+    for h in handles:
+        h.remove()
+    params = tiny_params("unused", sensitivity={"metrics": ("magnitude",), "micro_batch_size": 3})
+    compute_shards(model, architectures.tokenizer(), ids, params, tmp_path / "s", Timings("t"), {})
+    layers = shards.read_meta(tmp_path / "s")["moe_layers"]
+    assert [m["block"] for m in layers] == [0, 1]
+    for m in layers:
+        assert m["tokens"] == sum(LENGTHS)
+        assert m["router_picks"] == picks[m["experts"]].tolist()
+        assert sum(m["router_picks"]) == 2 * sum(LENGTHS)  # two experts per token

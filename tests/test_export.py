@@ -15,7 +15,7 @@ import pytest
 
 from critical_weights import export, shards
 from critical_weights.params import RankParams
-from critical_weights.ranking import component_of, rank_metric, run_rank
+from critical_weights.ranking import rank_metric, run_rank
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,13 @@ def test_the_csv_is_the_ranked_table_row_for_row(exported):
         assert int(row["rank"]) == want["rank"] and row["metric"] == "grad_x_weight"
         for key in ("score", "weight", "gradient"):
             assert np.float32(row[key]) == np.float32(want[key]), key
-        assert row["component"] == component_of(want["parameter"])
-        assert row["block"] == ("" if "layers" not in want["parameter"] else want["parameter"].split(".")[2])
+        # the module path inside the block, below `model.` outside blocks; no expert in a dense model
+        inside = want["parameter"].startswith("model.layers.")
+        path = want["parameter"].removesuffix(".weight").split(".")
+        assert row["component"] == (".".join(path[3:]) if inside else ".".join(p for p in path if p != "model"))
+        assert row["block"] == (path[2] if inside else "")
+        assert row["expert"] == ""
+        assert (int(row["row"]), int(row["col"])) == (want["row"], want["col"])
 
 
 def test_concentration_counts_the_most_frequent_column_and_row():

@@ -15,13 +15,13 @@ from matplotlib.patches import StepPatch
 
 from critical_weights import plots, shards
 from critical_weights.params import PlotParams, RankParams
-from critical_weights.ranking import block_of, component_of, run_rank
+from critical_weights.ranking import run_rank
 
 ROWS = [  # layer_table rows of a two-block model and its output head
-    {"parameter": "model.layers.0.mlp.down_proj.weight", "block": 0, "component": "down_proj", "max": 4.0, "mean": 0.5},
-    {"parameter": "model.layers.1.mlp.down_proj.weight", "block": 1, "component": "down_proj", "max": 8.0, "mean": 0.25},
-    {"parameter": "model.layers.1.self_attn.q_proj.weight", "block": 1, "component": "q_proj", "max": 2.0, "mean": 0.125},
-    {"parameter": "model.layers.0.self_attn.q_proj.weight", "block": 0, "component": "q_proj", "max": 1.0, "mean": 1.0},
+    {"parameter": "model.layers.0.mlp.down_proj.weight", "block": 0, "component": "mlp.down_proj", "max": 4.0, "mean": 0.5},
+    {"parameter": "model.layers.1.mlp.down_proj.weight", "block": 1, "component": "mlp.down_proj", "max": 8.0, "mean": 0.25},
+    {"parameter": "model.layers.1.self_attn.q_proj.weight", "block": 1, "component": "self_attn.q_proj", "max": 2.0, "mean": 0.125},
+    {"parameter": "model.layers.0.self_attn.q_proj.weight", "block": 0, "component": "self_attn.q_proj", "max": 1.0, "mean": 1.0},
     {"parameter": "lm_head.weight", "block": None, "component": "lm_head", "max": 16.0, "mean": 2.0},
 ]
 
@@ -48,10 +48,11 @@ def test_layer_comparison_has_a_line_per_component_and_the_head_dashed():
     top, bottom = fig.axes
     for ax, stat in ((top, "max"), (bottom, "mean")):
         lines = {line.get_label(): line for line in ax.get_lines()}
-        assert list(lines) == ["q_proj", "down_proj", "lm_head (not in a block)"]  # projection order, then the rest
-        assert lines["down_proj"].get_xdata().tolist() == [0, 1]
-        assert lines["down_proj"].get_ydata().tolist() == [ROWS[0][stat], ROWS[1][stat]]
-        assert lines["q_proj"].get_ydata().tolist() == [ROWS[3][stat], ROWS[2][stat]]  # sorted by block
+        # the model's own components, in the order its parameters come, then the rest
+        assert list(lines) == ["mlp.down_proj", "self_attn.q_proj", "lm_head (not in a block)"]
+        assert lines["mlp.down_proj"].get_xdata().tolist() == [0, 1]
+        assert lines["mlp.down_proj"].get_ydata().tolist() == [ROWS[0][stat], ROWS[1][stat]]
+        assert lines["self_attn.q_proj"].get_ydata().tolist() == [ROWS[3][stat], ROWS[2][stat]]  # sorted by block
         assert np.asarray(lines["lm_head (not in a block)"].get_ydata()).tolist() == [ROWS[4][stat]] * 2
         assert lines["lm_head (not in a block)"].get_linestyle() == "--"
         assert ax.get_ylabel() == f"{stat} grad_x_weight score"
@@ -63,8 +64,9 @@ def test_heatmap_cells_are_log10_scores_by_block_and_component():
     fig = plots.heatmap_figure(ROWS, "max", "grad_x_weight", grid, "model.layers.1.mlp.down_proj.weight")
     left, right = fig.axes[:2]  # then the two colorbars
     cells = left.get_images()[0].get_array()
-    assert np.allclose(cells, np.log10([[1.0, 4.0], [2.0, 8.0]]))  # rows: blocks 0, 1; cols: q_proj, down_proj
-    assert [t.get_text() for t in left.get_xticklabels()] == ["q_proj", "down_proj"]
+    # rows: blocks 0, 1; cols: the components in the order the rows first name them
+    assert np.allclose(cells, np.log10([[4.0, 1.0], [8.0, 2.0]]))
+    assert [t.get_text() for t in left.get_xticklabels()] == ["mlp.down_proj", "self_attn.q_proj"]
     assert [t.get_text() for t in left.get_yticklabels()] == ["0", "1"]
     shown = right.get_images()[0].get_array()
     assert shown[0, 1] is np.ma.masked or np.isnan(shown[0, 1])  # a zero score has no log
@@ -113,10 +115,14 @@ def test_the_csvs_behind_dvc_plots_equal_the_shard_statistics(plotted):
     sens, out = plotted
     stats = [r for r in shards.read_stats(sens).to_pylist() if r["metric"] == "grad_x_weight"]
     table = list(csv.DictReader(io.StringIO((out / "layer_comparison.csv").read_text(encoding="utf-8"))))
-    for r in (r for r in stats if block_of(r["parameter"]) is not None):
-        row = table[block_of(r["parameter"])]
-        assert int(row["block"]) == block_of(r["parameter"])
-        assert np.float64(row[component_of(r["parameter"])]) == pytest.approx(r["max"], rel=1e-8)
+    inside = [r for r in stats if r["block"] is not None]
+    assert len(table) == len(inside)  # long format: one line per tensor inside a block
+    by_parameter = {row["parameter"]: row for row in table}
+    for r in inside:
+        row = by_parameter[r["parameter"]]
+        assert (int(row["block"]), row["component"], row["metric"]) == (r["block"], r["component"], "grad_x_weight")
+        assert np.float64(row["max"]) == pytest.approx(r["max"], rel=1e-8)
+    assert [int(row["block"]) for row in table] == sorted(int(row["block"]) for row in table)
     hist = list(csv.DictReader(io.StringIO((out / "score_histogram.csv").read_text(encoding="utf-8"))))
     positives = sum(r["count"] - r["zeros"] - r["negatives"] for r in stats)
     assert sum(int(h["count"]) for h in hist) == positives

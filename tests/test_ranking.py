@@ -15,22 +15,30 @@ import pytest
 from critical_weights import shards
 from critical_weights.errors import ParamsError, ShardError
 from critical_weights.params import RankParams
-from critical_weights.ranking import block_of, component_of, group_of, read_ranked, run_rank
+from critical_weights.layout import place
+from critical_weights.ranking import group_of, read_ranked, run_rank
 
 MODES = ("per_layer", "per_block", "per_component", "global")
 BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def brute_group(mode: str, parameter: str) -> str:
-    """Groups spelled out independently of ranking.group_of, for Llama parameter names."""
-    module = parameter.split(".")[-2]
+    """Groups spelled out independently of ranking.group_of, for Llama parameter names: the
+    component is the module path inside the block (below `model.` outside blocks)."""
     m = BLOCK.match(parameter)
+    module = parameter[m.end():] if m else parameter.removeprefix("model.")
+    module = module.removesuffix(".weight")
     return {
         "per_layer": parameter,
         "per_component": module,
         "per_block": f"block {m.group(1)}" if m else module,
         "global": "all",
     }[mode]
+
+
+def brute_place(parameter: str) -> tuple[int | None, str]:
+    m = BLOCK.match(parameter)
+    return (int(m.group(1)) if m else None), brute_group("per_component", parameter)
 
 
 _DENSE_CACHE: dict[tuple[Path, str], list] = {}
@@ -92,23 +100,25 @@ def ranked_rows(out: Path) -> list[tuple]:
 # ----------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name, block, component", [
-    ("model.layers.0.self_attn.q_proj.weight", 0, "q_proj"),
-    ("model.layers.17.mlp.down_proj.weight", 17, "down_proj"),
-    ("model.embed_tokens.weight", None, "embed_tokens"),
-    ("lm_head.weight", None, "lm_head"),
-    ("transformer.h.3.attn.c_attn.weight", 3, "c_attn"),
-    ("model.norm.weight", None, "norm"),
+@pytest.mark.parametrize("name, blocks, base, block, component", [
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers", "model", 0, "self_attn.q_proj"),
+    ("model.layers.17.mlp.down_proj.weight", "model.layers", "model", 17, "mlp.down_proj"),
+    ("model.layers.2.mlp.experts.down_proj", "model.layers", "model", 2, "mlp.experts.down_proj"),
+    ("model.layers.2.self_attn.q_proj.bias", "model.layers", "model", 2, "self_attn.q_proj.bias"),
+    ("model.embed_tokens.weight", "model.layers", "model", None, "embed_tokens"),
+    ("lm_head.weight", "model.layers", "model", None, "lm_head"),
+    ("transformer.h.3.attn.c_attn.weight", "transformer.h", "transformer", 3, "attn.c_attn"),
+    ("model.language_model.layers.5.mlp.gate.weight", "model.language_model.layers", "model", 5, "mlp.gate"),
+    ("model.norm.weight", "model.layers", "model", None, "norm"),
 ])
-def test_block_and_component_of_parameter_names(name, block, component):
-    assert block_of(name) == block
-    assert component_of(name) == component
+def test_block_and_component_of_parameter_names(name, blocks, base, block, component):
+    assert place(name, blocks, base) == (block, component)
 
 
 def test_group_of_each_mode():
     name = "model.layers.1.mlp.up_proj.weight"
-    assert [group_of(m, name) for m in MODES] == [name, "block 1", "up_proj", "all"]
-    assert group_of("per_block", "lm_head.weight") == "lm_head"
+    assert [group_of(m, name, (1, "mlp.up_proj")) for m in MODES] == [name, "block 1", "mlp.up_proj", "all"]
+    assert group_of("per_block", "lm_head.weight", (None, "lm_head")) == "lm_head"
 
 
 # ----------------------------------------------------------------------------- real shards
@@ -220,7 +230,7 @@ def test_missing_or_foreign_shards_raise_shard_error(tmp_path):
     with pytest.raises(ShardError, match=r"meta.json is missing; rerun the sensitivity stage \(dvc repro\)$"):
         run_rank(tmp_path, RankParams(), tmp_path / "r")
     (tmp_path / "meta.json").write_text('{"format": "other"}', encoding="utf-8")
-    with pytest.raises(ShardError, match=r"is not a critical-weights/sensitivity/1 file; rerun the sensitivity stage"):
+    with pytest.raises(ShardError, match=r"is not a critical-weights/sensitivity/2 file; rerun the sensitivity stage"):
         run_rank(tmp_path, RankParams(), tmp_path / "r")
 
 
@@ -244,17 +254,19 @@ def write_synthetic_shards(folder: Path, scores: dict[str, np.ndarray], keep: in
         order = np.lexsort((np.arange(flat.size), -flat.astype(np.float64)))[:keep]
         shards.write_candidates(folder, index, name, {
             "metric": [metric] * len(order), "rank": list(range(1, len(order) + 1)),
-            "flat_index": order.tolist(), "row": (order // n_cols).tolist(), "col": (order % n_cols).tolist(),
+            "flat_index": order.tolist(), "expert": [None] * len(order),
+            "row": (order // n_cols).tolist(), "col": (order % n_cols).tolist(),
             "score": flat[order].tolist(), "weight": [1.0] * len(order), "gradient": flat[order].tolist(),
             "token": [None] * len(order),
         })
         shards.write_dense(folder, index, name, {metric: flat})
         stats.append({
-            "param_index": index, "parameter": name, "shape": [n_rows, n_cols], "n_rows": n_rows, "n_cols": n_cols,
+            "param_index": index, "parameter": name, **dict(zip(("block", "component"), brute_place(name))),
+            "layout": "linear", "shape": [n_rows, n_cols], "n_experts": None, "n_rows": n_rows, "n_cols": n_cols,
             "token_rows": False, "metric": metric, "count": flat.size, "sum": float(flat.sum()),
             "mean": float(flat.mean()), "std": float(flat.std()), "min": float(flat.min()), "max": float(flat.max()),
             "zeros": int((flat == 0).sum()), "negatives": int((flat < 0).sum()), "hist": [0] * 300,
-            "grid_rows": 1, "grid_cols": 1, "grid": [float(flat.max())],
+            "grid_rows": 1, "grid_cols": 1, "grid": [float(flat.max())], "expert_sum": [], "expert_max": [],
         })
     shards.write_stats(folder, stats)
     shards.write_meta(folder, {"metrics": [metric], "keep": keep, "params": {},

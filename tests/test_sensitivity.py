@@ -319,7 +319,7 @@ def test_wanda_activation_norms_equal_forward_hooks_over_real_tokens(tiny_model,
     assert set(acc.act_sq) == {*in_blocks, "lm_head.weight"}
     expected = activation_sums(tiny_model, tiny_ids, in_blocks)
     assert_grads_close({n: acc.act_sq[n] for n in in_blocks}, expected, rtol=1e-5, atol=1e-5)
-    assert skipped == {"model.embed_tokens.weight": "used as an embedding table, not only as an nn.Linear weight"}
+    assert skipped == {"model.embed_tokens.weight": "used as an embedding table, not only as a weight multiplying an input"}
     # wanda alone still computes dL/dW (the shards carry the gradient)
     assert_grads_close(acc.grad, reference_grads(tiny_model, tiny_ids, params))
 
@@ -334,10 +334,11 @@ def test_wanda_output_head_norms_cover_every_real_token(tiny_model, tiny_ids):
 def test_wanda_skips_the_tied_embedding_and_non_linear_weights(tiny_tied_model, tiny_ids):
     params = scored_parameters(tiny_tied_model, "all")
     acc, skipped = accumulate(tiny_tied_model, tiny_ids, params, ["wanda"], micro_batch_size=8)
-    assert skipped["model.embed_tokens.weight"] == "used as an embedding table, not only as an nn.Linear weight"
+    assert skipped["model.embed_tokens.weight"] == "used as an embedding table, not only as a weight multiplying an input"
     assert "model.embed_tokens.weight" not in acc.act_sq
     norms = [n for n, p in params if p.ndim == 1]
-    assert norms and all(skipped[n] == "not the weight of an nn.Linear" for n in norms)
+    assert norms and all(skipped[n] == "not a weight that multiplies an input (nn.Linear, Conv1D, router or experts)"
+                         for n in norms)
     linear = [n for n, p in params if p.ndim == 2 and n != "model.embed_tokens.weight"]
     assert set(acc.act_sq) == set(linear)
     assert set(skipped) == {"model.embed_tokens.weight", *norms}

@@ -14,7 +14,7 @@ from _cli import assert_error, invoke
 from conftest import CORPUS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CSV_HEADER = "rank,parameter,block,component,row,col,flat_index,score,weight,gradient,metric,token"
+CSV_HEADER = "rank,parameter,block,component,expert,row,col,flat_index,score,weight,gradient,metric,token"
 ALL_METRICS = "grad_x_weight, gradient, magnitude, fisher, taylor2, hutchinson, wanda"
 STAGES = ("prepare", "sensitivity", "rank", "export", "plot")
 
@@ -189,7 +189,9 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, write_params, request, ti
         assert int(r["flat_index"]) == int(r["row"]) * n_cols + int(r["col"])
         in_block = r["parameter"].startswith("model.layers.")
         assert r["block"] == (r["parameter"].split(".")[2] if in_block else "")
-        assert r["component"] == r["parameter"].split(".")[-2]
+        path = r["parameter"].removesuffix(".weight").split(".")  # the module path inside the block
+        assert r["component"] == ".".join(path[3:] if in_block else [p for p in path if p != "model"])
+        assert r["expert"] == ""
         assert (r["token"] == "") == in_block  # decoded tokens for embedding and head rows only
     for name in tensors:
         ranks = [int(r["rank"]) for r in rows if r["parameter"] == name]

@@ -16,9 +16,9 @@ from critical_weights import __version__, shards
 from critical_weights.overlap import metric_overlap
 from critical_weights.params import RankParams
 from critical_weights.outputs import write_json, write_text
-from critical_weights.ranking import block_of, component_of, rank_every_metric, read_ranked
+from critical_weights.ranking import Place, rank_every_metric, read_ranked
 
-CSV_COLUMNS = ("rank", "parameter", "block", "component", "row", "col", "flat_index",
+CSV_COLUMNS = ("rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
                "score", "weight", "gradient", "metric", "token")
 VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
 
@@ -39,12 +39,13 @@ def _csv_field(value: Any) -> str:
     return text
 
 
-def critical_csv(ranked: pa.Table) -> str:
-    """One row per critical weight, with exactly CSV_COLUMNS."""
+def critical_csv(ranked: pa.Table, places: dict[str, Place]) -> str:
+    """One row per critical weight, with exactly CSV_COLUMNS; `places` gives each parameter's
+    (block, component) as the sensitivity stage found them in the model."""
     lines = [",".join(CSV_COLUMNS)]
     for r in ranked.to_pylist():
-        block = block_of(r["parameter"])
-        row = {**r, "block": block, "component": component_of(r["parameter"])}
+        block, component = places[r["parameter"]]
+        row = {**r, "block": block, "component": component}
         lines.append(",".join(_csv_field(row[c]) for c in CSV_COLUMNS))
     return "\n".join(lines) + "\n"
 
@@ -52,10 +53,11 @@ def critical_csv(ranked: pa.Table) -> str:
 def parameter_stats(stats: pa.Table) -> dict[str, Any]:
     """Per parameter: shape, block, component and, per metric, the exact statistics."""
     out: dict[str, Any] = {}
-    for r in stats.drop_columns(["hist", "grid", "grid_rows", "grid_cols"]).to_pylist():
+    for r in stats.drop_columns(["hist", "grid", "grid_rows", "grid_cols", "expert_sum", "expert_max"]).to_pylist():
         entry = out.setdefault(r["parameter"], {
             "index": r["param_index"], "shape": r["shape"], "n_weights": r["count"],
-            "block": block_of(r["parameter"]), "component": component_of(r["parameter"]), "metrics": {},
+            "block": r["block"], "component": r["component"], "layout": r["layout"],
+            "n_experts": r["n_experts"], "metrics": {},
         })
         entry["metrics"][r["metric"]] = {k: r[k] for k in ("count", "sum", "mean", "std", "min", "max", "zeros", "negatives")}
     return out
@@ -100,7 +102,7 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
     stats = shards.read_stats(sensitivity)
     ranked, rank_info = read_ranked(ranked_dir)
     metric = rank_info["rank"]["metric"]
-    csv_text = critical_csv(ranked)
+    csv_text = critical_csv(ranked, shards.places(stats))
     write_text(reports / "critical_weights.csv", csv_text)
 
     metric_stats = stats.filter(pc.equal(stats["metric"], metric))

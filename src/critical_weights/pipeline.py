@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from critical_weights import distributed, models, scoring, shards, texts
+from critical_weights import distributed, layout, models, scoring, shards, texts
 from critical_weights.errors import ModelError, out_of_memory
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
@@ -75,18 +75,22 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         return  # every process holds the all-reduced sums; the first one writes them
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
+        places = layout.describe(model, [n for n, _ in params_list])
         for index, (name, weight) in enumerate(progress(params_list, "scoring parameters")):
-            stats += _score_parameter(tmp, index, name, weight, acc, params, skipped,
+            stats += _score_parameter(tmp, index, name, weight, places[name], acc, params, skipped,
                                       tokenizer if id(weight) in token_rows else None)
         shards.write_stats(tmp, stats)
         shards.write_meta(tmp, shards_meta(extra_meta, params, acc.loss_sum, acc.n_tokens, acc.n_sequences,
-                                           len(params_list), sum(w.numel() for _, w in params_list), skipped))
+                                           len(params_list), sum(w.numel() for _, w in params_list), skipped,
+                                           _moe_layers(model, acc)))
     log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
 
 
 def shards_meta(extra_meta: dict[str, Any], params: Params, loss_sum: float, n_tokens: int, n_sequences: int,
-                n_parameters: int, n_weights: int, skipped: dict[str, str]) -> dict[str, Any]:
-    """The shards' meta.json: what was measured, over what, and with which params."""
+                n_parameters: int, n_weights: int, skipped: dict[str, str],
+                moe_layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The shards' meta.json: what was measured, over what, and with which params; for a
+    Mixture-of-Experts model, each MoE layer and its router's picks per expert."""
     p_sens = params.sensitivity
     avg_loss = loss_sum / n_tokens
     return {
@@ -95,34 +99,49 @@ def shards_meta(extra_meta: dict[str, Any], params: Params, loss_sum: float, n_t
         "n_tokens": n_tokens, "n_sequences": n_sequences, "n_parameters": n_parameters, "n_weights": n_weights,
         "metrics": list(p_sens.metrics), "keep": p_sens.keep, "parameters": p_sens.parameters,
         "wanda_skipped": skipped if "wanda" in p_sens.metrics else {},
+        "moe_layers": moe_layers or [],
         "hist_log10_edges": {"low": scoring.HIST_LOW, "high": scoring.HIST_HIGH, "per_decade": scoring.HIST_PER_DECADE},
         "params": {"seed": params.seed, "model": dataclasses.asdict(params.model), "sensitivity": dataclasses.asdict(p_sens)},
     }
 
 
-def stats_row(index: int, name: str, shape: tuple[int, ...], n_rows: int, n_cols: int, token_rows: bool,
-              metric: str, s: scoring.Summary) -> dict[str, Any]:
-    """One row of the stats shard (STATS_SCHEMA): one parameter, one metric."""
+def _moe_layers(model: torch.nn.Module, acc) -> list[dict[str, Any]]:
+    """Every Mixture-of-Experts layer with its router's picks per expert over the real tokens."""
+    return [{"block": m.block, "experts": m.experts, "router": m.router, "n_experts": m.n_experts,
+             "router_picks": acc.router_picks[m.experts].cpu().tolist(), "tokens": int(acc.router_tokens[m.experts])}
+            for m in layout.moe_layers(model)]
+
+
+def stats_row(index: int, place: layout.TensorLayout, token_rows: bool, metric: str, s: scoring.Summary) -> dict[str, Any]:
+    """One row of the stats shard (STATS_SCHEMA): one parameter, one metric. The pooled grid
+    is over the stored matrix view; Conv1D and (E, in, out) experts are turned back so that
+    rows are output units and cols input features."""
+    grid = s.grid.T if place.kind in ("conv1d", "experts_in_out") else s.grid
     return {
-        "param_index": index, "parameter": name, "shape": list(shape),
-        "n_rows": n_rows, "n_cols": n_cols, "token_rows": token_rows, "metric": metric,
+        "param_index": index, "parameter": place.parameter, "block": place.block, "component": place.component,
+        "layout": place.kind, "shape": list(place.shape), "n_experts": place.n_experts,
+        "n_rows": place.n_out, "n_cols": place.n_in, "token_rows": token_rows, "metric": metric,
         "count": s.count, "sum": s.total, "mean": s.mean, "std": s.std, "min": s.minimum, "max": s.maximum,
         "zeros": s.zeros, "negatives": s.negatives, "hist": s.hist.tolist(),
-        "grid_rows": s.grid.shape[0], "grid_cols": s.grid.shape[1], "grid": s.grid.reshape(-1).tolist(),
+        "grid_rows": grid.shape[0], "grid_cols": grid.shape[1], "grid": grid.reshape(-1).tolist(),
+        "expert_sum": s.expert_sum.tolist(), "expert_max": s.expert_max.tolist(),
     }
 
 
 def candidate_columns(metric: str, index: np.ndarray, score: np.ndarray, weight: np.ndarray, gradient: np.ndarray,
-                      n_cols: int, tokenizer: Any) -> dict[str, list]:
+                      place: layout.TensorLayout, tokenizer: Any) -> dict[str, list]:
     """Candidate rows (CANDIDATE_SCHEMA, less parameter) for flat indices `index`, in order;
-    `weight` and `gradient` are the (k,) float32 values at those indices."""
-    rows = (index // n_cols).tolist()
+    `weight` and `gradient` are the (k,) float32 values at those indices. (expert, row, col)
+    come from the tensor's layout: row is the output unit, col the input feature."""
+    expert, rows, cols = place.coordinates(index)
+    rows = rows.tolist()
     return {
         "metric": [metric] * len(index),
         "rank": list(range(1, len(index) + 1)),
         "flat_index": index.tolist(),
+        "expert": expert.tolist() if expert is not None else [None] * len(index),
         "row": rows,
-        "col": (index % n_cols).tolist(),
+        "col": cols.tolist(),
         "score": score.tolist(),
         "weight": weight.tolist(),
         "gradient": gradient.tolist(),
@@ -130,10 +149,9 @@ def candidate_columns(metric: str, index: np.ndarray, score: np.ndarray, weight:
     }
 
 
-def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, acc, params: Params,
-                     skipped: dict[str, str], tokenizer: Any) -> list[dict[str, Any]]:
+def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, place: layout.TensorLayout,
+                     acc, params: Params, skipped: dict[str, str], tokenizer: Any) -> list[dict[str, Any]]:
     """Score one parameter with every metric, write its shards, return its stats rows."""
-    n_rows, n_cols = scoring.as_matrix(weight).shape
     w_flat = weight.detach().reshape(-1)
     g_flat = acc.grad[name].reshape(-1)
     top: dict[str, list] = {}
@@ -143,13 +161,13 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
         if metric == "wanda" and name in skipped:
             continue
         scores: list[np.ndarray] | None = [] if params.sensitivity.dense else None
-        s = scoring.summarise(metric, name, weight, acc, params.sensitivity.keep, scores)
+        s = scoring.summarise(metric, name, weight, acc, params.sensitivity.keep, scores, place.n_experts or 0)
         for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
             idx = torch.from_numpy(i).to(w_flat.device)
             at_w, at_g = w_flat[idx].float().cpu().numpy(), g_flat[idx].cpu().numpy()  # (k,) float32
-            for key, values in candidate_columns(metric, i, v, at_w, at_g, n_cols, tokenizer).items():
+            for key, values in candidate_columns(metric, i, v, at_w, at_g, place, tokenizer).items():
                 store.setdefault(key, []).extend(values)
-        stats.append(stats_row(index, name, tuple(weight.shape), n_rows, n_cols, tokenizer is not None, metric, s))
+        stats.append(stats_row(index, place, tokenizer is not None, metric, s))
         if scores is not None:
             dense[metric] = np.concatenate(scores)
     if stats:

@@ -21,9 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from critical_weights import shards  # noqa: E402
 from critical_weights.outputs import atomic_path, write_text  # noqa: E402
 from critical_weights.params import PlotParams  # noqa: E402
-from critical_weights.ranking import block_of, component_of, read_ranked  # noqa: E402
-
-COMPONENT_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from critical_weights.ranking import read_ranked  # noqa: E402
 
 
 def _edges(meta: dict) -> np.ndarray:
@@ -60,18 +58,25 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, zeros: int, negat
 
 
 def layer_table(stats: pa.Table) -> list[dict]:
-    """Per parameter: block, component, max and mean score, weights."""
+    """Per parameter, in model order: block, component (as the model names them), max and mean score."""
     rows = []
-    for r in stats.select(["parameter", "max", "sum", "count"]).to_pylist():
-        rows.append({"parameter": r["parameter"], "block": block_of(r["parameter"]),
-                     "component": component_of(r["parameter"]), "max": r["max"],
-                     "mean": r["sum"] / r["count"] if r["count"] else 0.0})
+    for r in stats.select(["parameter", "block", "component", "max", "sum", "count"]).to_pylist():
+        rows.append({"parameter": r["parameter"], "block": r["block"], "component": r["component"],
+                     "max": r["max"], "mean": r["sum"] / r["count"] if r["count"] else 0.0})
     return rows
 
 
 def _components(rows: list[dict]) -> list[str]:
-    seen = list(dict.fromkeys(r["component"] for r in rows if r["block"] is not None))
-    return [c for c in COMPONENT_ORDER if c in seen] + [c for c in seen if c not in COMPONENT_ORDER]
+    """The components the model has inside its blocks, in the order its parameters come."""
+    return list(dict.fromkeys(r["component"] for r in rows if r["block"] is not None))
+
+
+def layer_comparison_csv(rows: list[dict], metric: str) -> str:
+    """Long format for DVC's plots: one line per tensor inside a block, `block, component,
+    parameter, metric, max, mean`, blocks ascending, model order within a block."""
+    inside = sorted((r for r in rows if r["block"] is not None), key=lambda r: r["block"])
+    return _csv(["block", "component", "parameter", "metric", "max", "mean"],
+                [[r["block"], r["component"], r["parameter"], metric, r["max"], r["mean"]] for r in inside])
 
 
 def layer_comparison_figure(rows: list[dict], metric: str) -> Figure:
@@ -180,17 +185,11 @@ def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path,
         "sensitivity_heatmap.png": heatmap_figure(rows, params.heatmap_stat, metric, grid, top["parameter"]),
         "metric_overlap.png": overlap_figure(json.loads(overlap_file.read_text(encoding="utf-8"))),
     }
-    comps = _components(rows)
-    by_block: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r["block"] is not None:
-            by_block.setdefault(r["block"], {})[r["component"]] = r["max"]
     centers = (edges[:-1] + edges[1:]) / 2
     for name, fig in figures.items():
         with atomic_path(out / name) as tmp:
             fig.savefig(tmp, dpi=params.dpi, metadata={"Software": None}, format="png")
         plt.close(fig)
-    write_text(out / "layer_comparison.csv",
-               _csv(["block", *comps], [[b, *(by_block[b].get(c) for c in comps)] for b in sorted(by_block)]))
+    write_text(out / "layer_comparison.csv", layer_comparison_csv(rows, metric))
     write_text(out / "score_histogram.csv",
                _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))

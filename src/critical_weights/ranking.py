@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,21 @@ from critical_weights.outputs import atomic_path
 from critical_weights.params import RankParams
 
 RANKED_FILE = "critical.parquet"
-_BLOCK = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
+Place = tuple[int | None, str]  # (block, component) of a parameter, from the shards' stats
 
 
-def block_of(parameter: str) -> int | None:
-    """Transformer block index from a parameter name, None outside blocks."""
-    m = _BLOCK.search(parameter)
-    return int(m.group(1)) if m else None
-
-
-def component_of(parameter: str) -> str:
-    """`q_proj`, `down_proj`, `embed_tokens`, `lm_head`, ...: the module holding the weight."""
-    parts = parameter.split(".")
-    return parts[-2] if len(parts) >= 2 else parts[0]
-
-
-def group_of(mode: str, parameter: str) -> str:
-    """The group a parameter's weights compete in under `mode`."""
+def group_of(mode: str, parameter: str, place: Place) -> str:
+    """The group a parameter's weights compete in under `mode`: the tensor, its block (or its
+    component outside blocks), its component (the module path inside the block, whatever the
+    architecture calls it), or all."""
+    block, component = place
     if mode == "global":
         return "all"
     if mode == "per_layer":
         return parameter
     if mode == "per_component":
-        return component_of(parameter)
-    block = block_of(parameter)
-    return f"block {block}" if block is not None else component_of(parameter)
+        return component
+    return f"block {block}" if block is not None else component
 
 
 def select_parameters(names: list[str], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
@@ -61,12 +50,13 @@ def select_parameters(names: list[str], include: tuple[str, ...], exclude: tuple
     return chosen
 
 
-def rank_candidates(candidates: pa.Table, param_index: dict[str, int], mode: str, k: int) -> pa.Table:
+def rank_candidates(candidates: pa.Table, param_index: dict[str, int], mode: str, k: int,
+                    places: dict[str, Place]) -> pa.Table:
     """Top-k of each group, with a 1-based `rank` and the `group` name, groups in order."""
     group_names: list[str] = []  # in order of their first parameter
     group_id: dict[str, int] = {}  # parameter -> position in group_names
     for name in sorted(param_index, key=param_index.get):
-        g = group_of(mode, name)
+        g = group_of(mode, name, places[name])
         if g not in group_names:
             group_names.append(g)
         group_id[name] = group_names.index(g)
@@ -104,7 +94,7 @@ def rank_metric(sensitivity: Path, params: RankParams, metric: str | None = None
     stats = stats.filter(pa.array([n in chosen for n in names]))
     candidates = shards.read_candidates(sensitivity, stats, metric)
     param_index = dict(zip(stats["parameter"].to_pylist(), stats["param_index"].to_pylist()))
-    return rank_candidates(candidates, param_index, params.mode, params.k)
+    return rank_candidates(candidates, param_index, params.mode, params.k, shards.places(stats))
 
 
 def rank_every_metric(sensitivity: Path, params: RankParams) -> dict[str, pa.Table]:

@@ -8,7 +8,7 @@ Nothing here loops over elements in Python.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,20 +27,36 @@ def hist_edges() -> np.ndarray:
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """View any parameter as (rows, cols): 1-D tensors are a column, >2-D fold trailing dims."""
+    """View any parameter as stored (rows, cols): 1-D tensors are a column, >2-D fold their
+    leading dims into rows (an (E, d1, d2) expert tensor is (E * d1, d2))."""
     if t.ndim == 1:
         return t.reshape(-1, 1)
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _input_norms(act_sq: torch.Tensor, rows: slice, n_rows: int) -> torch.Tensor:
+    """L2 norm of each weight's input feature, broadcastable against the rows `rows` of the
+    stored matrix view. `act_sq` says by its shape which input each weight sees:
+    (cols,) one per column (nn.Linear, routers); (n_rows, 1) one per stored row (Conv1D,
+    experts stored (E, in, out)); (E, 1, cols) one per column of each expert's rows (experts
+    stored (E, out, in))."""
+    if act_sq.ndim == 1:
+        return act_sq.sqrt()  # (cols,)
+    if act_sq.ndim == 2:
+        return act_sq[rows].sqrt()  # (r, 1)
+    per_expert = n_rows // act_sq.shape[0]
+    expert = torch.arange(rows.start, rows.stop, device=act_sq.device) // per_expert  # (r,)
+    return act_sq[expert, 0].sqrt()  # (r, cols)
 
 
 def metric_scores(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, rows: slice) -> torch.Tensor:
     """Scores of `rows` of one parameter, (r, cols) float32."""
-    w = as_matrix(weight)[rows].to(torch.float32, copy=True)  # (r, cols) float32, never the weight itself
+    matrix = as_matrix(weight)
+    w = matrix[rows].to(torch.float32, copy=True)  # (r, cols) float32, never the weight itself
     if metric == "magnitude":
         return w.abs_()
     if metric == "wanda":
-        norm = acc.act_sq[name].sqrt()  # (cols,) L2 norm of each input feature
-        return w.abs_().mul_(norm)
+        return w.abs_().mul_(_input_norms(acc.act_sq[name], rows, matrix.shape[0]))
     if metric in ("grad_x_weight", "gradient"):
         g = as_matrix(acc.grad[name])[rows]
         return g.abs() if metric == "gradient" else w.mul_(g).abs_()
@@ -99,7 +115,9 @@ class Summary:
     zeros: int
     negatives: int
     hist: np.ndarray  # (N_BINS,) int64 counts of positive scores by log10 bin
-    grid: np.ndarray  # (gr, gc) float32 max-pooled scores
+    grid: np.ndarray  # (gr, gc) float32 max-pooled scores over the stored matrix view
+    expert_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) float64 per expert; (0,) dense
+    expert_max: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) float64 per expert; (0,) dense
 
 
 def log10_bin(scores: torch.Tensor) -> torch.Tensor:
@@ -113,8 +131,12 @@ def log10_bin(scores: torch.Tensor) -> torch.Tensor:
 class _Running:
     """Chunk-wise accumulation of the summary (Chan's parallel mean/variance in float64)."""
 
-    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device):
+    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int = 0):
         self.keep = keep
+        self.n_experts = n_experts
+        self.expert_sum = torch.zeros(n_experts, dtype=torch.float64, device=device)
+        self.expert_max = torch.full((n_experts,), -np.inf, dtype=torch.float64, device=device)
+        self.row_expert = torch.arange(n_rows, device=device) // max(1, n_rows // max(1, n_experts))  # (rows,)
         self.cand_v: list[torch.Tensor] = []
         self.cand_i: list[torch.Tensor] = []
         self.low_v: list[torch.Tensor] = []  # negated scores of the least sensitive
@@ -164,6 +186,10 @@ class _Running:
             by_col.scatter_reduce_(1, self.col_bin.expand(s.shape[0], -1), s, "amax")  # (r, gc)
         row_idx = self.row_bin[rows].unsqueeze(1).expand(-1, self.gc)
         self.grid.scatter_reduce_(0, row_idx, by_col, "amax")
+        if self.n_experts:
+            expert = self.row_expert[rows]  # (r,) expert of each stored row
+            self.expert_sum.index_add_(0, expert, s.sum(dim=1).double())
+            self.expert_max.scatter_reduce_(0, expert, s.amax(dim=1).double(), "amax")
 
     def finish(self) -> Summary:
         v, i = top_k_stable(torch.cat(self.cand_v), torch.cat(self.cand_i), self.keep)
@@ -176,14 +202,18 @@ class _Running:
             minimum=float(self.lo), maximum=float(self.hi),
             zeros=int(self.zeros), negatives=int(self.negatives),
             hist=self.hist.cpu().numpy(), grid=self.grid.cpu().numpy(),
+            expert_sum=self.expert_sum.cpu().numpy(), expert_max=self.expert_max.cpu().numpy(),
         )
 
 
 def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, keep: int,
-              dense: list[np.ndarray] | None = None) -> Summary:
-    """Score one parameter chunk by chunk; with `dense`, also append every score (flat, float32)."""
+              dense: list[np.ndarray] | None = None, n_experts: int = 0) -> Summary:
+    """Score one parameter chunk by chunk; with `dense`, also append every score (flat, float32).
+
+    `n_experts` > 0: the tensor's leading axis is the expert, and each expert's sum and max
+    are kept too."""
     n_rows, n_cols = as_matrix(weight).shape
-    run = _Running(n_rows, n_cols, keep, weight.device)
+    run = _Running(n_rows, n_cols, keep, weight.device, n_experts)
     for rows in row_chunks(n_rows, n_cols):
         s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
         run.add(s, rows)

@@ -10,7 +10,9 @@ Accumulators, all float32 and shaped like their weight:
 - `fisher`: mean over sequences n of g_n^2, where g_n is the gradient of sequence n's own
   mean loss (one backward per sequence);
 - `hutchinson`: mean over Rademacher probes z of z * (H z), H the Hessian of L;
-- `act_sq`: for each nn.Linear weight, the sum over real tokens of x_j^2 per input feature j.
+- `act_sq`: for each weight that multiplies an input, the sum over real tokens of x_j^2 per
+  input feature j (critical_weights.activations);
+- `router_picks`: per Mixture-of-Experts layer, how many real tokens its router sent to each expert.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from critical_weights import distributed
+from critical_weights import activations, distributed
 from critical_weights.batching import make_batches
 from critical_weights.errors import ModelError, NumericalError
 from critical_weights.layout import is_bias
@@ -43,6 +45,8 @@ class Accumulators:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     hutchinson: dict[str, torch.Tensor] = field(default_factory=dict)
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_picks: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> (E,) int64
+    router_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # experts module -> () int64
     loss_sum: float = 0.0  # sum of token cross-entropies, float64 on the host
     n_tokens: int = 0  # predicted tokens
     n_sequences: int = 0
@@ -177,52 +181,6 @@ class _GradSink:
             h.remove()
 
 
-class _ActivationNorms:
-    """Sums x_j^2 over real tokens for the input of every nn.Linear whose weight is scored."""
-
-    def __init__(self, model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]]):
-        scored = {id(p): n for n, p in params}
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self.mask: torch.Tensor | None = None
-        self.active = False  # off during backward, where checkpointed chunks rerun forward
-        self.act_sq: dict[str, torch.Tensor] = {}
-        self.skipped: dict[str, str] = {}
-        self.handles = []
-        linear = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
-        head = model.get_output_embeddings()
-        for n, p in params:
-            if id(p) in embeddings:
-                self.skipped[n] = "used as an embedding table, not only as an nn.Linear weight"
-            elif id(p) not in linear:
-                self.skipped[n] = "not the weight of an nn.Linear"
-            else:
-                module = linear[id(p)]
-                self.act_sq[n] = torch.zeros(module.in_features, dtype=torch.float32, device=p.device)
-                if module is head:
-                    # the loss applies the head to predicting positions only; its input over every
-                    # real token is the decoder's output
-                    hook = model.get_decoder().register_forward_hook(self._hook(scored[id(p)], output=True))
-                else:
-                    hook = module.register_forward_pre_hook(self._hook(scored[id(p)]))
-                self.handles.append(hook)
-
-    def _hook(self, name: str, output: bool = False) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, *out: Any) -> None:
-            if not self.active:
-                return
-            x = (out[0].last_hidden_state if output else args[0]).detach()  # (B, T, in) or (n, in)
-            if x.ndim == 3 and self.mask is not None:
-                x = x[self.mask.bool()]  # (n_real, in)
-            x = x.reshape(-1, x.shape[-1]).float()
-            self.act_sq[name].add_((x * x).sum(dim=0))
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     z = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
     return (z.float() * 2 - 1).to(like.device)
@@ -270,18 +228,20 @@ def accumulate(
         p.requires_grad_(True)
         p.grad = None
     sink = _GradSink(params, with_fisher, n_seq) if not with_hutchinson else None
-    norms = _ActivationNorms(model, params) if "wanda" in metrics else None
+    norms = activations.InputNorms(model, params) if "wanda" in metrics else None
+    picks = activations.RouterPicks(model)  # no hooks for a dense model
+    watchers = [w for w in (norms, picks) if w is not None]
     hutch = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_hutchinson else {}
     grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_hutchinson else {}
     loss_sum = 0.0
     try:
         for b, batch in enumerate(progress(batches, "forward+backward", work=[sum(len(input_ids[i]) for i in b) for b in batches])):
             ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)
-            if norms is not None:
-                norms.mask, norms.active = mask, True
+            for w in watchers:
+                w.mask, w.active = mask, True
             loss_b = token_loss_sum(model, ids, mask)  # float32 scalar, summed over tokens
-            if norms is not None:
-                norms.active = False
+            for w in watchers:
+                w.active = False
             _check_finite(loss_b, b)
             loss_sum += float(loss_b.detach().double())
             if with_hutchinson:
@@ -296,8 +256,8 @@ def accumulate(
     finally:
         if sink is not None:
             sink.remove()
-        if norms is not None:
-            norms.remove()
+        for w in watchers:
+            w.remove()
         for _, p in params:
             p.requires_grad_(False)
     acc = Accumulators(
@@ -305,11 +265,12 @@ def accumulate(
         fisher=sink.fisher if sink is not None else {},
         hutchinson=hutch,
         act_sq=norms.act_sq if norms is not None else {},
+        router_picks=picks.picks, router_tokens=picks.tokens,
         loss_sum=loss_sum, n_tokens=n_tokens, n_sequences=n_seq,
     )
     if with_hutchinson and with_fisher:
         acc.fisher = _fisher_pass(model, input_ids, params)
-    for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):
+    for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq, acc.router_picks, acc.router_tokens):
         distributed.all_reduce_sum(store.values())
     acc.loss_sum = distributed.all_reduce_float(acc.loss_sum, device)
     _check_gradients(params, acc.grad)

@@ -27,15 +27,16 @@ import pyarrow.parquet as pq
 
 from critical_weights.errors import ShardError, first_line
 
-FORMAT = "critical-weights/sensitivity/1"
+FORMAT = "critical-weights/sensitivity/2"  # 2: expert column; block, component, layout in stats
 
 CANDIDATE_SCHEMA = pa.schema([
     ("parameter", pa.string()),
     ("metric", pa.string()),
     ("rank", pa.int32()),  # 1-based within (parameter, metric)
-    ("flat_index", pa.int64()),  # row * n_cols + col
-    ("row", pa.int64()),
-    ("col", pa.int64()),
+    ("flat_index", pa.int64()),  # index into the tensor as stored; see critical_weights.layout
+    ("expert", pa.int32()),  # expert index of a 3-D expert tensor, null for dense tensors
+    ("row", pa.int64()),  # output unit, for every layout
+    ("col", pa.int64()),  # input feature, for every layout
     ("score", pa.float32()),
     ("weight", pa.float32()),
     ("gradient", pa.float32()),  # dL/dw, float32
@@ -45,9 +46,13 @@ CANDIDATE_SCHEMA = pa.schema([
 STATS_SCHEMA = pa.schema([
     ("param_index", pa.int32()),  # position in named_parameters() among scored parameters
     ("parameter", pa.string()),
-    ("shape", pa.list_(pa.int64())),
-    ("n_rows", pa.int64()),
-    ("n_cols", pa.int64()),
+    ("block", pa.int32()),  # transformer block index, null outside blocks
+    ("component", pa.string()),  # module path inside the block (critical_weights.layout)
+    ("layout", pa.string()),  # layout kind: linear, conv1d, experts, experts_in_out, embedding, ...
+    ("shape", pa.list_(pa.int64())),  # as stored
+    ("n_experts", pa.int32()),  # null for dense tensors
+    ("n_rows", pa.int64()),  # output units (per expert)
+    ("n_cols", pa.int64()),  # input features (per expert)
     ("token_rows", pa.bool_()),  # rows are token ids (embedding or output head)
     ("metric", pa.string()),
     ("count", pa.int64()),
@@ -61,7 +66,11 @@ STATS_SCHEMA = pa.schema([
     ("hist", pa.list_(pa.int64())),  # positive scores per log10 bin, see meta.json
     ("grid_rows", pa.int32()),
     ("grid_cols", pa.int32()),
-    ("grid", pa.list_(pa.float32())),  # (grid_rows, grid_cols) row-major, max-pooled
+    ("grid", pa.list_(pa.float32())),  # (grid_rows, grid_cols) row-major, max-pooled; rows are
+    # output units and cols input features; experts stacked along rows ((E, out, in) storage)
+    # or along cols ((E, in, out) storage)
+    ("expert_sum", pa.list_(pa.float64())),  # per expert: sum of its scores (empty for dense)
+    ("expert_max", pa.list_(pa.float64())),  # per expert: max of its scores (empty for dense)
 ])
 
 DENSE_SCHEMA = pa.schema([
@@ -153,6 +162,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 def read_stats(folder: Path) -> pa.Table:
     return _read_table(folder / "stats.parquet", STATS_SCHEMA)
+
+
+def places(stats: pa.Table) -> dict[str, tuple[int | None, str]]:
+    """Parameter -> (block, component), as the sensitivity stage found them in the model."""
+    return {r["parameter"]: (r["block"], r["component"]) for r in stats.select(["parameter", "block", "component"]).to_pylist()}
 
 
 def read_candidates(folder: Path, stats: pa.Table, metric: str, kind: str = "candidates") -> pa.Table:
