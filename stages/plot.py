@@ -2,7 +2,8 @@
 
 Writes OUT/sensitivity_distribution.png, layer_comparison.png, sensitivity_heatmap.png,
 metric_overlap.png,
-and the CSVs behind DVC's `plots:` (layer_comparison.csv, score_histogram.csv).
+the CSVs behind DVC's `plots:` (layer_comparison.csv, score_histogram.csv), and
+OUT/experts/ (expert_importance.csv; expert_heatmap.png for Mixture-of-Experts models).
 
 Example:
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -17,6 +18,7 @@ import architectures
 from architectures import ARCHITECTURES, MOE, VOCAB, build
 from conftest import tiny_params
 from critical_weights import layout, sensitivity, shards
+from critical_weights.errors import ModelError
 from critical_weights.pipeline import compute_shards
 from critical_weights.progress import Timings
 from critical_weights.sensitivity import pad_batch, scored_parameters, token_loss_sum
@@ -192,3 +194,60 @@ def test_router_picks_are_counted_over_real_tokens(arch, ids, tmp_path):
         assert m["tokens"] == sum(LENGTHS)
         assert m["router_picks"] == picks[m["experts"]].tolist()
         assert sum(m["router_picks"]) == 2 * sum(LENGTHS)  # two experts per token
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "cohere"])
+def test_the_output_path_guard_catches_a_skipped_logit_transform(arch, ids, monkeypatch):
+    """check_output_path passes on the model's own output path, and names the model when the
+    logits would come from the head alone (the old path, which skipped these transforms)."""
+    model = build(arch)
+    sensitivity.check_output_path(model, ids[1])
+    monkeypatch.setattr(sensitivity, "output_logits", lambda m, h: m.get_output_embeddings()(h))
+    with pytest.raises(ModelError, match=rf"^model.name: {type(model).__name__}: the logits through its output head "
+                                         r"differ from model\(\.\.\.\)\.logits by .* this architecture's output path is not supported$"):
+        sensitivity.check_output_path(model, ids[1])
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "llama"])
+def test_expert_importance_report_and_heatmap(arch, ids, tmp_path):
+    """Per MoE layer and expert: sum and max of its scores over the layer's expert tensors
+    (from the dense scores), its count in the critical set, and its router picks; the heatmap
+    is drawn for MoE models only, the CSV always (header only for a dense model)."""
+    from critical_weights import export, moe, plots
+    from critical_weights.params import PlotParams, RankParams
+    from critical_weights.ranking import run_rank
+
+    model = build(arch)
+    params = tiny_params("unused", sensitivity={"metrics": ("grad_x_weight",), "dense": True, "keep": 40})
+    compute_shards(model, architectures.tokenizer(), ids, params, tmp_path / "s", Timings("t"), {})
+    run_rank(tmp_path / "s", RankParams(mode="global", k=30), tmp_path / "r")
+    meta, stats = shards.read_meta(tmp_path / "s"), shards.read_stats(tmp_path / "s")
+    ranked = pq.read_table(tmp_path / "r" / "critical.parquet")
+    layers = moe.expert_importance(meta, stats, ranked, "grad_x_weight")
+    plots.write_experts(tmp_path / "experts", layers, "grad_x_weight", dpi=30)
+    lines = (tmp_path / "experts" / "expert_importance.csv").read_text().splitlines()
+    assert lines[0] == ",".join(moe.CSV_HEADER)
+    if arch not in MOE:
+        assert layers == [] and len(lines) == 1 and not (tmp_path / "experts" / "expert_heatmap.png").exists()
+        return
+    assert (tmp_path / "experts" / "expert_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(lines) == 1 + 2 * 4
+    places = layout.describe(model)
+    index = dict(zip(stats["parameter"].to_pylist(), stats["param_index"].to_pylist()))
+    for layer in layers:
+        assert set(layer["tensors"]) == {n for n, t in places.items()
+                                          if n.startswith(layer["experts"] + ".") and t.n_experts and n in index}
+        per = {e["expert"]: e for e in layer["per_expert"]}
+        for e in range(4):
+            scores = []
+            for name in layer["tensors"]:
+                dense = shards.read_dense(tmp_path / "s", index[name], name)["score"].to_numpy().astype(np.float64)
+                expert, _, _ = places[name].coordinates(np.arange(dense.size))
+                scores.append(dense[expert == e])
+            scores = np.concatenate(scores)
+            assert per[e]["sum"] == pytest.approx(scores.sum(), rel=scores.size * EPS32)
+            assert per[e]["max"] == scores.max()
+            want = sum(1 for r in ranked.to_pylist() if r["parameter"] in layer["tensors"] and r["expert"] == e)
+            assert per[e]["critical"] == want and per[e]["critical_share"] == want / 30
+        assert sum(e["router_picks"] for e in layer["per_expert"]) == 2 * layer["tokens"]
+        assert sum(e["router_share"] for e in layer["per_expert"]) == pytest.approx(2.0)

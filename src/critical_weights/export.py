@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from critical_weights import __version__, shards
+from critical_weights.moe import expert_importance
 from critical_weights.overlap import metric_overlap
 from critical_weights.params import RankParams
 from critical_weights.outputs import write_json, write_text
@@ -115,6 +116,7 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
         "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,
         "parameters": parameter_stats(stats), "concentration": concentration(ranked),
         "wanda_skipped": meta.get("wanda_skipped", {}),
+        "experts": {"metric": metric, "layers": expert_importance(meta, stats, ranked, metric)},
     })
     rank_params = RankParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in rank_info["rank"].items()})
     write_json(reports / "metric_overlap.json", {

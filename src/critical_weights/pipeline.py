@@ -18,7 +18,7 @@ from critical_weights.errors import ModelError, out_of_memory
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
 from critical_weights.progress import Timings, progress
-from critical_weights.sensitivity import accumulate, perplexity, scored_parameters
+from critical_weights.sensitivity import accumulate, check_output_path, perplexity, scored_parameters
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         models.use_implementations(model, "hutchinson needs double backward", attention="eager", experts="eager")
     extra_meta = {**extra_meta, "model": {**extra_meta.get("model", {}), "implementations": models.implementations(model)}}
     params_list = scored_parameters(model, p_sens.parameters)
+    check_output_path(model, input_ids[0])
     with timings.phase("forward+backward"):
         try:
             acc, skipped = accumulate(

@@ -19,6 +19,8 @@ import pyarrow.compute as pc  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from critical_weights import shards  # noqa: E402
+from critical_weights import moe  # noqa: E402
+from critical_weights.moe import expert_importance  # noqa: E402
 from critical_weights.outputs import atomic_path, write_text  # noqa: E402
 from critical_weights.params import PlotParams  # noqa: E402
 from critical_weights.ranking import read_ranked  # noqa: E402
@@ -129,6 +131,47 @@ def heatmap_figure(rows: list[dict], stat: str, metric: str, grid: np.ndarray, g
     return fig
 
 
+def expert_figure(layers: list[dict], metric: str) -> Figure:
+    """Mixture-of-Experts layers x experts: log10 sum of each expert's scores, its share of the
+    critical set, and how often the router picked it (share of tokens)."""
+    panels = (("sum", f"log10 sum of {metric} scores", "viridis"),
+              ("critical_share", "share of the critical weights", "magma"),
+              ("router_share", "router picks (share of tokens)", "cividis"))
+    n_experts = max(layer["n_experts"] for layer in layers)
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(4, 0.3 * len(layers) + 2)))
+    for ax, (key, title, cmap) in zip(axes, panels):
+        cell = np.full((len(layers), n_experts), np.nan)
+        for i, layer in enumerate(layers):
+            for e in layer["per_expert"]:
+                v = e[key]
+                cell[i, e["expert"]] = (np.log10(v) if v > 0 else np.nan) if key == "sum" else v
+        im = ax.imshow(cell, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(0, n_experts, max(1, n_experts // 16)))
+        step = max(1, len(layers) // 16)
+        ax.set_yticks(range(0, len(layers), step), [str(layer["block"]) for layer in layers[::step]])
+        fig.colorbar(im, ax=ax)
+    axes[0].set_ylabel("transformer block")
+    fig.suptitle(f"Expert importance per Mixture-of-Experts layer ({metric})")
+    fig.tight_layout()
+    return fig
+
+
+def write_experts(out: Path, layers: list[dict], metric: str, dpi: int) -> None:
+    """The folder `out`, atomically: expert_importance.csv (long format, one line per layer and
+    expert; only the header for a model without Mixture-of-Experts layers) and, for MoE
+    models, expert_heatmap.png."""
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "expert_importance.csv").write_text(_csv(list(moe.CSV_HEADER), moe.importance_rows(layers, metric)),
+                                                   encoding="utf-8")
+        if layers:
+            fig = expert_figure(layers, metric)
+            fig.savefig(tmp / "expert_heatmap.png", dpi=dpi, metadata={"Software": None}, format="png")
+            plt.close(fig)
+
+
 def overlap_figure(overlap: dict) -> Figure:
     """Jaccard index of the critical sets for every pair of metrics, Spearman in each cell."""
     metrics = overlap["metrics"]
@@ -191,5 +234,6 @@ def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path,
             fig.savefig(tmp, dpi=params.dpi, metadata={"Software": None}, format="png")
         plt.close(fig)
     write_text(out / "layer_comparison.csv", layer_comparison_csv(rows, metric))
+    write_experts(out / "experts", expert_importance(meta, stats, ranked, metric), metric, params.dpi)
     write_text(out / "score_histogram.csv",
                _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))
