@@ -14,16 +14,16 @@ import torch
 
 VOCAB = 96
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+_COMMON = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
 _MOE = dict(num_experts_per_tok=2)
 
 
-def _configs() -> dict[str, Callable]:
+def _configs(vocab: int = VOCAB) -> dict[str, Callable]:
     import transformers as T
 
-    c = _COMMON
+    c = {**_COMMON, "vocab_size": vocab}
     return {
         "llama": lambda: T.LlamaConfig(**c),
         "qwen2": lambda: T.Qwen2Config(**c),
@@ -33,9 +33,9 @@ def _configs() -> dict[str, Callable]:
         "gemma2": lambda: T.Gemma2Config(**c, head_dim=8, final_logit_softcapping=1.0),
         "gemma3_text": lambda: T.Gemma3TextConfig(**c, head_dim=8, final_logit_softcapping=1.0),
         "phi3": lambda: T.Phi3Config(**c),
-        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+        "gpt2": lambda: T.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=64,
                                      bos_token_id=None, eos_token_id=None),
-        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24,
                                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
                                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
         "granite": lambda: T.GraniteConfig(**c, logits_scaling=4.0),
@@ -51,12 +51,12 @@ ARCHITECTURES = tuple(_configs())
 MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 
 
-def build(arch: str, seed: int = 0) -> torch.nn.Module:
+def build(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     """The tiny causal LM of `arch`, float32, eval mode, seeded weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[arch]()).to(torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(_configs(vocab)[arch]()).to(torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
