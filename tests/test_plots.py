@@ -128,3 +128,34 @@ def test_the_csvs_behind_dvc_plots_equal_the_shard_statistics(plotted):
     assert sum(int(h["count"]) for h in hist) == positives
     assert all(int(h["count"]) > 0 for h in hist)
 
+
+
+def test_dvc_draws_one_line_per_component_the_model_has(plotted, tmp_path):
+    """`dvc plots show` renders dvc.yaml's layer_comparison entry with the project's template:
+    colour by the `component` column of the long-format CSV, no fixed list of names."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, out = plotted
+    root = Path(__file__).parents[1]
+    entry = next(p for p in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+                 if isinstance(p, dict) and "reports/plots/layer_comparison.csv" in p)
+    (tmp_path / "reports" / "plots").mkdir(parents=True)
+    shutil.copy(out / "layer_comparison.csv", tmp_path / "reports" / "plots" / "layer_comparison.csv")
+    shutil.copytree(root / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"plots": [entry]}))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc = Path(sys.executable).parent / "dvc"
+    shown = subprocess.run([str(dvc), "plots", "show", "--json"], cwd=tmp_path, check=True, capture_output=True,
+                           text=True, timeout=120)
+    (plot,) = json.loads(shown.stdout)["data"]["reports/plots/layer_comparison.csv"]
+    spec = plot["content"]
+    assert spec["encoding"]["color"]["field"] == "component"
+    assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("block", "max")
+    table = list(csv.DictReader(io.StringIO((out / "layer_comparison.csv").read_text(encoding="utf-8"))))
+    assert [v["component"] for v in spec["data"]["values"]] == [r["component"] for r in table]
+    assert {r["component"] for r in table} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
