@@ -76,3 +76,23 @@ def tokenizer():
     tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def build_gemma3_multimodal(seed: int = 0) -> torch.nn.Module:
+    """A tiny Gemma3ForConditionalGeneration: its blocks sit at `model.language_model.layers.N`
+    beside a one-layer vision tower."""
+    import transformers as T
+    from transformers import AutoModelForCausalLM
+
+    text = T.Gemma3TextConfig(**{**_COMMON, "vocab_size": VOCAB}, head_dim=8, final_logit_softcapping=1.0)
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                            boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+    return model

@@ -251,3 +251,23 @@ def test_expert_importance_report_and_heatmap(arch, ids, tmp_path):
             assert per[e]["critical"] == want and per[e]["critical_share"] == want / 30
         assert sum(e["router_picks"] for e in layer["per_expert"]) == 2 * layer["tokens"]
         assert sum(e["router_share"] for e in layer["per_expert"]) == pytest.approx(2.0)
+
+
+def test_multimodal_gemma3_blocks_sit_under_the_language_model(ids):
+    """Gemma3ForConditionalGeneration: blocks are `model.language_model.layers.N` (not the
+    vision tower's), components are paths inside them, and L is the model's own text loss."""
+    model = architectures.build_gemma3_multimodal()
+    assert layout.block_list(model) == "model.language_model.layers"
+    places = layout.describe(model)
+    down = places["model.language_model.layers.1.mlp.down_proj.weight"]
+    assert (down.block, down.component) == (1, "mlp.down_proj")
+    assert places["model.vision_tower.encoder.layers.0.mlp.fc1.weight"].block is None
+    assert layout.mlp_output_projections(model) == {b: [f"model.language_model.layers.{b}.mlp.down_proj.weight"]
+                                                    for b in (0, 1)}
+    text_ids = [[t % (VOCAB - 3) for t in s] for s in ids]  # no image tokens
+    batch, mask = pad_batch(text_ids, torch.device("cpu"))
+    with torch.no_grad():
+        theirs = _model_loss(model, text_ids)
+        ours = token_loss_sum(model, batch, mask) / int(mask[:, 1:].sum())
+    torch.testing.assert_close(ours, theirs, atol=_tol(theirs), rtol=0)
+    sensitivity.check_output_path(model, text_ids[1])
