@@ -56,9 +56,12 @@ def test_loss_is_the_models_own(arch, ids, monkeypatch):
         theirs = _model_loss(model, ids)
         ours = token_loss_sum(model, batch, mask) / n
         monkeypatch.setattr(sensitivity, "LOGITS_BUDGET_BYTES", 4 * VOCAB * 3)
+        real, rows = sensitivity.output_logits, []
+        monkeypatch.setattr(sensitivity, "output_logits", lambda m, h: rows.append(h.shape[0]) or real(m, h))
         chunked = token_loss_sum(model, batch, mask) / n
     torch.testing.assert_close(ours, theirs, atol=_tol(theirs), rtol=0)
     torch.testing.assert_close(chunked, theirs, atol=_tol(theirs), rtol=0)
+    assert sum(rows) == n and max(rows) == 3  # float32 logits of 3 positions at a time: the budget
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "granite", "cohere"])
