@@ -4,7 +4,7 @@ Builds a LlamaForCausalLM from a config (nothing is downloaded) directly on the 
 device (bfloat16 on CUDA, float32 on the CPU), draws N_SEQ x SEQ_LEN random token ids from
 the seed, and runs the library code the stages run:
 
-- in-process (default): `pipeline.compute_shards` (forward+backward, then scoring and
+- in-process (default): `sensitivity.compute_shards` (forward+backward, then scoring and
   shard writing), then rank (per_layer and global), export and plot, each of those in a
   process of its own (benchmarks/phase.py) so that its peak host memory is its own;
 - `--chain`: the same work as DVC runs it, one `python stages/<stage>.py` process per

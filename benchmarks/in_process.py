@@ -1,4 +1,4 @@
-"""The in-process harness: `pipeline.compute_shards` on a freshly built model (optionally after
+"""The in-process harness: `sensitivity.compute_shards` on a freshly built model (optionally after
 an untimed warm-up), then rank, export and plot, each in a process of its own."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from workload import build_model, build_tokenizer, write_prepared
 def run_in_process(size: str, device: torch.device, dtype: torch.dtype, params_raw: dict, ids: list[list[int]],
                    work: Path, seed: int, warmup: int) -> list[dict[str, Any]]:
     """compute_shards on a freshly built model, then the torch-free phases."""
-    from critical_weights import models, sensitivity
+    from critical_weights import accumulate, models
     from critical_weights.params import parse_params
-    from critical_weights.pipeline import compute_shards
+    from critical_weights.sensitivity import compute_shards
 
     params = parse_params(params_raw)
     phases = Phases(device)
@@ -29,8 +29,8 @@ def run_in_process(size: str, device: torch.device, dtype: torch.dtype, params_r
     prep_meta = write_prepared(work / "prepared", ids, tokenizer, seed, len(ids[0]))
     if warmup:
         with phases.measure("warm-up (not in the pipeline)", sequences=warmup):
-            plist = sensitivity.scored_parameters(model, params.sensitivity.parameters)
-            sensitivity.accumulate(model, ids[:warmup], plist, params.sensitivity.metrics,
+            plist = accumulate.scored_parameters(model, params.sensitivity.parameters)
+            accumulate.accumulate(model, ids[:warmup], plist, params.sensitivity.metrics,
                                    params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
             del plist
             gc.collect()

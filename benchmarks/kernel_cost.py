@@ -26,7 +26,7 @@ _CHILD = """
 import json, sys, time
 import torch
 from pathlib import Path
-from critical_weights import kernels, models, sensitivity, texts
+from critical_weights import accumulate, kernels, models, texts
 from critical_weights.params import ModelParams
 n, micro = int(sys.argv[1]), int(sys.argv[2])
 p = ModelParams()
@@ -35,9 +35,9 @@ tok = models.load_tokenizer(source, p)
 model = models.load_model(source, p, torch.device("cpu"), torch.float32)
 raw = texts.read_texts(Path(sys.argv[3]))[:n]
 ids = [tok(t)["input_ids"][:256] for t in raw]
-params = sensitivity.scored_parameters(model, "weights")
+params = accumulate.scored_parameters(model, "weights")
 start = time.perf_counter()
-sensitivity.accumulate(model, ids, params, ["grad_x_weight"], micro)
+accumulate.accumulate(model, ids, params, ["grad_x_weight"], micro)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)), **kernels.describe()}))
 """

@@ -2,8 +2,8 @@
 `keep` candidates per tensor and metric) holding random scores, then rank, export and plot,
 which never use the GPU, so their cost at the 8B scale can be measured on any machine.
 
-The rows are built by the library's own builders (`pipeline.candidate_columns`,
-`pipeline.stats_row`, `pipeline.shards_meta`) and written by `shards`, one parameter at a
+The rows are built by the library's own builders (`sensitivity.candidate_columns`,
+`sensitivity.stats_row`, `sensitivity.shards_meta`) and written by `shards`, one parameter at a
 time, so the time this takes is the host-side share of "score and write"."""
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def random_summary(rng: np.random.Generator, numel: int, grid: tuple[int, int], 
 def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any, prep_meta: dict[str, str]) -> None:
     """Shards of SIZE's shape with random scores, for every metric of `params` (a Params)."""
     from critical_weights import layout, scoring, shards
-    from critical_weights.pipeline import candidate_columns, shards_meta, stats_row
-    from critical_weights.sensitivity import scored_parameters
+    from critical_weights.accumulate import scored_parameters
+    from critical_weights.sensitivity import candidate_columns, shards_meta, stats_row
 
     model = build_model(size, torch.device("meta"), torch.float32, params.seed)
     token_rows = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}

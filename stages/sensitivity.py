@@ -19,7 +19,7 @@ import click
 from critical_weights import distributed
 from critical_weights.cli import INPUT_DIR, PATH, Params, Timings, stage_command
 from critical_weights.models import resolve_device
-from critical_weights.pipeline import run_sensitivity
+from critical_weights.sensitivity import run_sensitivity
 
 
 @stage_command("sensitivity", __doc__)

@@ -184,7 +184,7 @@ def tiny_params(model_dir: Path, **sections) -> Params:
 
 def run_prepare_and_sensitivity(folder: Path, params) -> tuple[Path, Path]:
     """Run the two model stages through the library; return (prepared, sensitivity) folders."""
-    from critical_weights.pipeline import run_sensitivity
+    from critical_weights.sensitivity import run_sensitivity
     from critical_weights.prepare import run_prepare
     from critical_weights.progress import Timings
 

@@ -17,11 +17,12 @@ from torch.overrides import TorchFunctionMode
 import architectures
 from architectures import ARCHITECTURES, MOE, VOCAB, build
 from conftest import tiny_params
-from critical_weights import layout, sensitivity, shards
+from critical_weights import layout, loss, shards
+from critical_weights.accumulate import scored_parameters
 from critical_weights.errors import ModelError
-from critical_weights.pipeline import compute_shards
+from critical_weights.loss import pad_batch, token_loss_sum
 from critical_weights.progress import Timings
-from critical_weights.sensitivity import pad_batch, scored_parameters, token_loss_sum
+from critical_weights.sensitivity import compute_shards
 
 EPS32 = torch.finfo(torch.float32).eps
 LENGTHS = (5, 12, 9, 16)
@@ -55,9 +56,9 @@ def test_loss_is_the_models_own(arch, ids, monkeypatch):
     with torch.no_grad():
         theirs = _model_loss(model, ids)
         ours = token_loss_sum(model, batch, mask) / n
-        monkeypatch.setattr(sensitivity, "LOGITS_BUDGET_BYTES", 4 * VOCAB * 3)
-        real, rows = sensitivity.output_logits, []
-        monkeypatch.setattr(sensitivity, "output_logits", lambda m, h: rows.append(h.shape[0]) or real(m, h))
+        monkeypatch.setattr(loss, "LOGITS_BUDGET_BYTES", 4 * VOCAB * 3)
+        real, rows = loss.output_logits, []
+        monkeypatch.setattr(loss, "output_logits", lambda m, h: rows.append(h.shape[0]) or real(m, h))
         chunked = token_loss_sum(model, batch, mask) / n
     torch.testing.assert_close(ours, theirs, atol=_tol(theirs), rtol=0)
     torch.testing.assert_close(chunked, theirs, atol=_tol(theirs), rtol=0)
@@ -160,7 +161,7 @@ def test_wanda_scores_every_weight_that_multiplies_an_input(arch, ids, tmp_path)
     assert set(scored) == set(names) - set(meta["wanda_skipped"])
     for name, index in scored.items():
         if weights[name] is head:
-            continue  # its inputs are the base model's outputs over every real token: test_sensitivity
+            continue  # its inputs are the base model's outputs over every real token: test_accumulate
         t = layouts[name]
         dense = shards.read_dense(tmp_path / "s", index, name)
         got = torch.tensor(dense["score"].to_numpy())
@@ -204,11 +205,11 @@ def test_the_output_path_guard_catches_a_skipped_logit_transform(arch, ids, monk
     """check_output_path passes on the model's own output path, and names the model when the
     logits would come from the head alone (the old path, which skipped these transforms)."""
     model = build(arch)
-    sensitivity.check_output_path(model, ids[1])
-    monkeypatch.setattr(sensitivity, "output_logits", lambda m, h: m.get_output_embeddings()(h))
+    loss.check_output_path(model, ids[1])
+    monkeypatch.setattr(loss, "output_logits", lambda m, h: m.get_output_embeddings()(h))
     with pytest.raises(ModelError, match=rf"^model.name: {type(model).__name__}: the logits through its output head "
                                          r"differ from model\(\.\.\.\)\.logits by .* this architecture's output path is not supported$"):
-        sensitivity.check_output_path(model, ids[1])
+        loss.check_output_path(model, ids[1])
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "llama"])
@@ -273,4 +274,4 @@ def test_multimodal_gemma3_blocks_sit_under_the_language_model(ids):
         theirs = _model_loss(model, text_ids)
         ours = token_loss_sum(model, batch, mask) / int(mask[:, 1:].sum())
     torch.testing.assert_close(ours, theirs, atol=_tol(theirs), rtol=0)
-    sensitivity.check_output_path(model, text_ids[1])
+    loss.check_output_path(model, text_ids[1])

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from _cli import ROOT, assert_error, earlier_run, invoke, snapshot, write_params_file
 from conftest import copy_project
-from critical_weights import sensitivity as sens_lib
+from critical_weights import accumulate as sens_lib
 from critical_weights import shards
 from critical_weights.errors import NumericalError, ParamsError
 from critical_weights.params import Params, load_params, parse_params
@@ -274,7 +274,7 @@ def test_sigkill_mid_write_under_dvc_repro_then_dvc_repro_recovers(project, tmp_
     # byte-identical to an uninterrupted run of the same stage
     reference = tmp_path / "reference"
     params = load_params(project / "params.yaml")
-    from critical_weights.pipeline import run_sensitivity
+    from critical_weights.sensitivity import run_sensitivity
     from critical_weights.progress import Timings
 
     run_sensitivity(data / "prepared", params, reference, Timings("sensitivity"))

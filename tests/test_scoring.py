@@ -12,7 +12,7 @@ from critical_weights.scoring import (
     GRID, HIST_HIGH, HIST_LOW, HIST_PER_DECADE, N_BINS, hist_edges, log10_bin, metric_scores, summarise,
     top_k_stable,
 )
-from critical_weights.sensitivity import Accumulators
+from critical_weights.accumulate import Accumulators
 
 NAME = "model.layers.0.mlp.down_proj.weight"
 

@@ -1,344 +1,146 @@
-"""The loss, its gradient and the other accumulators, checked against autograd done by hand."""
+"""The sensitivity stage's library entry point: shards that agree with autograd done by hand."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
-from critical_weights import sensitivity
-from critical_weights.errors import ModelError, NumericalError
-from critical_weights.sensitivity import accumulate, predicted_tokens, scored_parameters
-
-GRAD_TOL = {"rtol": 1e-4, "atol": 1e-7}
-SMALL = "model.layers.1.self_attn.k_proj.weight"  # (8, 16): 128 weights, cheap exact Hessian
+from conftest import float32_tolerance, run_prepare_and_sensitivity, tiny_params
+from critical_weights import shards, texts
+from critical_weights.sensitivity import run_sensitivity
+from critical_weights.progress import Timings
 
 
-# ----------------------------------------------------------------------------- references
+def load_dir_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def sequence_loss_sums(model: torch.nn.Module, ids: list[list[int]]) -> list[torch.Tensor]:
-    """Per sequence, the summed next-token cross-entropy from a plain, unpadded model(...) call."""
-    out = []
-    for seq in ids:
-        x = torch.tensor([seq])  # (1, T)
-        logits = model(input_ids=x).logits[0]  # (T, V): position t predicts token t+1
-        out.append(F.cross_entropy(logits[:-1].float(), x[0, 1:], reduction="sum"))
-    return out
-
-
-def reference_loss(model: torch.nn.Module, ids: list[list[int]]) -> torch.Tensor:
-    """Mean token cross-entropy over every predicted token of every sequence."""
-    n_tokens = sum(len(s) - 1 for s in ids)
-    return torch.stack(sequence_loss_sums(model, ids)).sum() / n_tokens
-
-
-def reference_grads(model, ids, params) -> dict[str, torch.Tensor]:
+def reference(model: torch.nn.Module, ids: list[list[int]]) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean token loss and its gradient for every 2-D parameter, one unpadded sequence at a time."""
+    params = [(n, p) for n, p in model.named_parameters() if p.ndim == 2]
     for _, p in params:
         p.requires_grad_(True)
-    grads = torch.autograd.grad(reference_loss(model, ids), [p for _, p in params])
-    for _, p in params:
-        p.requires_grad_(False)
-    return {n: g for (n, _), g in zip(params, grads)}
-
-
-def reference_fisher(model, ids, params) -> dict[str, torch.Tensor]:
-    """Mean over sequences of the squared gradient of each sequence's own mean loss."""
-    for _, p in params:
-        p.requires_grad_(True)
-    fisher = {n: torch.zeros_like(p) for n, p in params}
+    total = torch.zeros(())
     for seq in ids:
-        (loss_sum,) = sequence_loss_sums(model, [seq])
-        grads = torch.autograd.grad(loss_sum / (len(seq) - 1), [p for _, p in params])
-        for (n, _), g in zip(params, grads):
-            fisher[n] += g * g / len(ids)
-    for _, p in params:
-        p.requires_grad_(False)
-    return fisher
+        x = torch.tensor([seq])
+        logits = model(input_ids=x).logits[0]
+        total = total + F.cross_entropy(logits[:-1], x[0, 1:], reduction="sum")
+    loss = total / sum(len(s) - 1 for s in ids)
+    grads = torch.autograd.grad(loss, [p for _, p in params])
+    return float(loss.detach()), {n: g for (n, _), g in zip(params, grads)}
 
 
-def exact_hessian_block(model, ids, param: torch.nn.Parameter) -> torch.Tensor:
-    """The Hessian of the mean loss with respect to one parameter, (numel, numel) float32."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    param.requires_grad_(True)
-    (g,) = torch.autograd.grad(reference_loss(model, ids), param, create_graph=True)
-    eye = torch.eye(param.numel()).reshape(param.numel(), *param.shape)
-    (rows,) = torch.autograd.grad(g, param, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-    # spot-check the batched rows against one plain Hessian-vector product each
-    for i in (0, param.numel() // 2, param.numel() - 1):
-        (row,) = torch.autograd.grad(g.reshape(-1)[i], param, retain_graph=True)
-        torch.testing.assert_close(rows[i], row, rtol=1e-5, atol=1e-7)
-    param.requires_grad_(False)
-    return rows.reshape(param.numel(), param.numel()).detach()
+def dense_by_metric(sens: Path, param_index: int, name: str) -> dict[str, np.ndarray]:
+    table = shards.read_dense(sens, param_index, name).to_pandas()
+    return {m: part.sort_values("flat_index")["score"].to_numpy() for m, part in table.groupby("metric", sort=False)}
 
 
-def assert_grads_close(actual: dict, expected: dict, **tol) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert actual[name].dtype == torch.float32, name
-        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **(tol or GRAD_TOL))
+def test_dense_shards_equal_autograd_by_hand(dense_shards, tiny_model_dir):
+    sens, params = dense_shards
+    prepared = sens.parent / "prepared"
+    ids, _ = texts.read_prepared(prepared)
+    model = load_dir_model(tiny_model_dir).double()  # the reference in float64: its own error is negligible
+    loss, grads = reference(model, ids)
+    meta = shards.read_meta(sens)
+    assert meta["n_tokens"] == sum(len(s) - 1 for s in ids)
+    assert meta["n_sequences"] == len(ids) == params.texts.n_texts
+    tol = float32_tolerance(model, meta["n_tokens"])
+    np.testing.assert_allclose(meta["avg_loss"], loss, rtol=tol)
+    stats = shards.read_stats(sens).to_pylist()
+    names = list(dict.fromkeys(r["parameter"] for r in stats))
+    assert names == list(grads)  # every matrix, in named_parameters() order
+    weights = dict(model.named_parameters())
+    for r in stats:
+        if r["metric"] != "grad_x_weight":
+            continue
+        w = weights[r["parameter"]].detach().numpy().reshape(-1)
+        g = grads[r["parameter"]].numpy().reshape(-1)
+        dense = dense_by_metric(sens, r["param_index"], r["parameter"])
+        expected = np.abs(w * g)  # float64
+        np.testing.assert_allclose(dense["grad_x_weight"], expected, rtol=tol, atol=tol * expected.max(),
+                                   err_msg=r["parameter"])
+        np.testing.assert_array_equal(dense["magnitude"], np.abs(w).astype(np.float32))
 
 
-# ----------------------------------------------------------------------------- scored_parameters
+def test_candidates_are_the_top_of_the_dense_scores(dense_shards):
+    sens, params = dense_shards
+    keep = params.sensitivity.keep
+    for r in shards.read_stats(sens).to_pylist():
+        dense = dense_by_metric(sens, r["param_index"], r["parameter"])[r["metric"]]
+        cand = pq.read_table(sens / "candidates" / shards.shard_name(r["param_index"], r["parameter"])).to_pandas()
+        cand = cand[cand["metric"] == r["metric"]]
+        order = np.lexsort((np.arange(dense.size), -dense.astype(np.float64)))[:keep]
+        np.testing.assert_array_equal(cand["flat_index"].to_numpy(), order)
+        np.testing.assert_array_equal(cand["score"].to_numpy(), dense[order])
+        assert cand["rank"].tolist() == list(range(1, keep + 1))
+        assert r["count"] == dense.size == r["n_rows"] * r["n_cols"]
+        assert r["max"] == dense.max() and r["min"] == dense.min()
 
 
-def test_scored_parameters_are_the_weights_in_named_parameters_order(tiny_model):
-    chosen = scored_parameters(tiny_model, "weights")
-    expected = [n for n, p in tiny_model.named_parameters() if p.ndim == 2]
-    assert [n for n, _ in chosen] == expected
-    assert all(p.ndim == 2 for _, p in chosen)
-    assert "model.embed_tokens.weight" in expected and "lm_head.weight" in expected
-    assert not any("norm" in n for n, _ in chosen)
-    assert len(chosen) == 1 + 2 * 7 + 1  # embeddings, 7 matrices per block, head
+def test_wanda_skips_are_recorded_in_meta(dense_shards):
+    sens, _ = dense_shards
+    meta = shards.read_meta(sens)
+    assert meta["wanda_skipped"] == {
+        "model.embed_tokens.weight": "used as an embedding table, not only as a weight multiplying an input"}
+    wanda = [r["parameter"] for r in shards.read_stats(sens).to_pylist() if r["metric"] == "wanda"]
+    assert "model.embed_tokens.weight" not in wanda and "lm_head.weight" in wanda
 
 
-def test_scored_parameters_count_tied_weights_once_under_their_first_name(tiny_tied_model):
-    chosen = scored_parameters(tiny_tied_model, "weights")
-    names = [n for n, _ in chosen]
-    assert names[0] == "model.embed_tokens.weight"
-    assert "lm_head.weight" not in names
-    assert len({id(p) for _, p in chosen}) == len(chosen) == 1 + 2 * 7
-    assert tiny_tied_model.lm_head.weight is chosen[0][1]
+def test_every_metric_runs_on_a_tied_model_loaded_with_sdpa(tmp_path, tiny_tied_model_dir):
+    """hutchinson needs double backward, which SDPA lacks: the stage must still run it."""
+    metrics = ("grad_x_weight", "gradient", "magnitude", "fisher", "taylor2", "hutchinson", "wanda")
+    params = tiny_params(tiny_tied_model_dir, texts={"n_texts": 4, "max_length": 12},
+                         sensitivity={"metrics": metrics, "hutchinson_probes": 1, "keep": 5, "dense": False})
+    _, sens = run_prepare_and_sensitivity(tmp_path, params)
+    stats = shards.read_stats(sens).to_pylist()
+    names = list(dict.fromkeys(r["parameter"] for r in stats))
+    assert names[0] == "model.embed_tokens.weight" and "lm_head.weight" not in names  # tied: counted once
+    by_metric: dict[str, list] = {}
+    for r in stats:
+        by_metric.setdefault(r["metric"], []).append(r)
+        assert all(np.isfinite([r["sum"], r["min"], r["max"], r["std"]])), (r["parameter"], r["metric"])
+    assert set(by_metric) == set(metrics)
+    assert len(by_metric["wanda"]) == len(names) - 1  # the tied embedding is skipped
+    assert not (sens / "dense").exists()
+    meta = shards.read_meta(sens)
+    assert meta["metrics"] == list(metrics) and meta["keep"] == 5
 
 
-def test_scored_parameters_all_adds_norms(tiny_model):
-    chosen = scored_parameters(tiny_model, "all")
-    assert [n for n, _ in chosen] == [n for n, _ in tiny_model.named_parameters()]
-    assert "model.norm.weight" in dict(chosen)
+def test_rerun_gives_byte_identical_shards(tmp_path, dense_shards):
+    sens, params = dense_shards
+    run_sensitivity(sens.parent / "prepared", params, tmp_path / "again", Timings("sensitivity"))
+    first = sorted(p.relative_to(sens) for p in sens.rglob("*") if p.is_file())
+    second = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert first == second
+    for rel in first:
+        assert (sens / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
 
 
-def test_scored_parameters_without_any_matrix_raises():
-    with pytest.raises(ModelError, match=r"^sensitivity.parameters: 'weights' selects no parameter of this model$"):
-        scored_parameters(torch.nn.LayerNorm(4), "weights")
+def test_meta_holds_no_timing_and_is_sorted_json(dense_shards):
+    sens, _ = dense_shards
+    text = (sens / "meta.json").read_text(encoding="utf-8")
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    assert not any("time" in k or "seconds" in k for k in meta)
 
 
-def test_predicted_tokens_skips_the_first_position_of_each_sequence(tiny_ids):
-    assert predicted_tokens(tiny_ids) == sum(len(s) for s in tiny_ids) - len(tiny_ids)
+def test_prepared_ids_beyond_the_vocabulary_raise_model_error(tmp_path, tiny_model_dir, dense_shards):
+    from critical_weights.errors import ModelError
 
-
-# ----------------------------------------------------------------------------- loss and gradient
-
-
-@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_tied_model"])
-def test_gradient_equals_autograd_of_the_mean_token_loss(request, model_fixture, tiny_ids):
-    model = request.getfixturevalue(model_fixture)
-    params = scored_parameters(model, "weights")
-    before = {n: p.detach().clone() for n, p in params}
-    acc, skipped = accumulate(model, tiny_ids, params, ["grad_x_weight", "magnitude"], micro_batch_size=8)
-    assert skipped == {}
-    expected_loss = reference_loss(model, tiny_ids)
-    assert_grads_close(acc.grad, reference_grads(model, tiny_ids, params))
-    assert acc.n_tokens == predicted_tokens(tiny_ids)
-    assert acc.n_sequences == len(tiny_ids)
-    torch.testing.assert_close(acc.loss_sum / acc.n_tokens, expected_loss.item(), rtol=1e-5, atol=0)
-    # the weights are untouched, and nothing is left on them
-    for n, p in params:
-        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0)
-        assert p.grad is None and not p.requires_grad
-    assert acc.fisher == {} and acc.hutchinson == {} and acc.act_sq == {}
-
-
-def test_micro_batching_never_changes_the_loss_or_gradient(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "weights")
-    runs = [
-        accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=1)[0],
-        accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=8)[0],
-        accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=3)[0],
-        accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=8, batch_tokens=40)[0],
-    ]
-    first = runs[0]
-    for other in runs[1:]:
-        assert_grads_close(other.grad, first.grad, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(other.loss_sum, first.loss_sum, rtol=1e-6, atol=0)
-        assert other.n_tokens == first.n_tokens
-
-
-def test_chunked_cross_entropy_gives_the_same_gradient(tiny_model, tiny_ids, monkeypatch):
-    """Past the logits budget the head runs in recomputed chunks; the result is unchanged."""
-    params = scored_parameters(tiny_model, "weights")
-    whole = accumulate(tiny_model, tiny_ids, params, ["grad_x_weight", "wanda"], micro_batch_size=8)[0]
-    monkeypatch.setattr(sensitivity, "LOGITS_BUDGET_BYTES", 4 * 96 * 5)  # 5 positions per chunk
-    chunked = accumulate(tiny_model, tiny_ids, params, ["grad_x_weight", "wanda"], micro_batch_size=8)[0]
-    assert_grads_close(chunked.grad, whole.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(chunked.loss_sum, whole.loss_sum, rtol=1e-6, atol=0)
-    # recomputation in backward must not count activations twice
-    assert_grads_close(chunked.act_sq, whole.act_sq, rtol=1e-5, atol=1e-6)
-
-
-def test_bfloat16_model_accumulates_float32_gradients(tiny_model, tiny_ids):
-    params32 = scored_parameters(tiny_model, "weights")
-    expected = reference_grads(tiny_model, tiny_ids, params32)
-    model = tiny_model.to(torch.bfloat16)
-    acc, _ = accumulate(model, tiny_ids, scored_parameters(model, "weights"), ["grad_x_weight"], micro_batch_size=2)
-    for name, g in acc.grad.items():
-        assert g.dtype == torch.float32
-        # bf16 forward: only a loose agreement is possible
-        cos = F.cosine_similarity(g.reshape(-1), expected[name].reshape(-1), dim=0)
-        assert cos > 0.95, name
-
-
-def test_non_finite_loss_raises_numerical_error(tiny_model, tiny_ids):
-    with torch.no_grad():
-        tiny_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    params = scored_parameters(tiny_model, "weights")
-    with pytest.raises(NumericalError, match=r"^the loss of micro-batch 0 is nan; try model.dtype float32$"):
-        accumulate(tiny_model, tiny_ids, params, ["grad_x_weight"], micro_batch_size=8)
-    assert all(p.grad is None for _, p in params)
-
-
-# ----------------------------------------------------------------------------- fisher
-
-
-@pytest.mark.parametrize("metric", ["fisher", "taylor2"])
-def test_fisher_is_the_mean_of_per_sequence_squared_gradients(tiny_model, tiny_ids, metric):
-    params = scored_parameters(tiny_model, "weights")
-    acc, _ = accumulate(tiny_model, tiny_ids, params, [metric], micro_batch_size=8)
-    assert_grads_close(acc.fisher, reference_fisher(tiny_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
-    # the per-sequence pass still yields the exact dL/dW
-    assert_grads_close(acc.grad, reference_grads(tiny_model, tiny_ids, params))
-
-
-# ----------------------------------------------------------------------------- hutchinson
-
-
-def _small(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(SMALL, dict(model.named_parameters())[SMALL])]
-
-
-def test_hutchinson_converges_to_the_exact_hessian_diagonal(tiny_eager_model, tiny_ids):
-    params = _small(tiny_eager_model)
-    hessian = exact_hessian_block(tiny_eager_model, tiny_ids, params[0][1])
-    torch.testing.assert_close(hessian, hessian.T, rtol=1e-4, atol=1e-6)
-    diag = hessian.diagonal().reshape(params[0][1].shape)
-    errors = {}
-    for probes in (4, 256):
-        acc, _ = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], micro_batch_size=8,
-                            hutchinson_probes=probes, seed=0)
-        est = acc.hutchinson[SMALL]
-        assert est.dtype == torch.float32 and est.shape == diag.shape
-        errors[probes] = float((est - diag).abs().mean())
-    # the estimator's standard error falls as 1/sqrt(probes): 8x from 4 to 256 probes
-    assert errors[256] < errors[4] / 3, errors
-    assert errors[256] < 0.5 * float(diag.abs().mean()), errors
-
-
-def test_hutchinson_estimate_is_bounded_by_the_hessian_rows(tiny_eager_model, tiny_ids):
-    """Each probe gives z_i (H z)_i = sum_j z_i z_j H_ij with z_j = +-1, so the estimate never
-    exceeds sum_j |H_ij|: a wrong scale (say, no division by the probe count) breaks this."""
-    params = _small(tiny_eager_model)
-    hessian = exact_hessian_block(tiny_eager_model, tiny_ids, params[0][1])
-    acc, _ = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], micro_batch_size=8,
-                        hutchinson_probes=16, seed=3)
-    est = acc.hutchinson[SMALL].reshape(-1)
-    bound = hessian.abs().sum(dim=1)
-    assert bool((est.abs() <= bound * (1 + 1e-4) + 1e-7).all())
-
-
-def test_hutchinson_does_not_depend_on_micro_batching(tiny_eager_model, tiny_ids):
-    params = _small(tiny_eager_model)
-    one = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 1, hutchinson_probes=4, seed=7)[0]
-    eight = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 8, hutchinson_probes=4, seed=7)[0]
-    torch.testing.assert_close(one.hutchinson[SMALL], eight.hutchinson[SMALL], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(one.grad[SMALL], eight.grad[SMALL], rtol=1e-4, atol=1e-8)
-    other_seed = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 8, hutchinson_probes=4, seed=8)[0]
-    assert not torch.equal(other_seed.hutchinson[SMALL], eight.hutchinson[SMALL])
-
-
-def test_hutchinson_pass_still_gives_exact_gradient_and_fisher(tiny_eager_model, tiny_ids):
-    params = _small(tiny_eager_model)
-    acc, _ = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson", "fisher"], micro_batch_size=8,
-                        hutchinson_probes=2)
-    assert_grads_close(acc.grad, reference_grads(tiny_eager_model, tiny_ids, params))
-    assert_grads_close(acc.fisher, reference_fisher(tiny_eager_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(acc.loss_sum / acc.n_tokens, reference_loss(tiny_eager_model, tiny_ids).item(),
-                               rtol=1e-5, atol=0)
-
-
-def test_hutchinson_with_fisher_keeps_its_micro_batches(tiny_eager_model, tiny_ids, monkeypatch):
-    """Only fisher's own pass runs one sequence at a time; the Hessian pass keeps the configured
-    micro-batch, so it costs probes x micro-batches Hessian-vector products, not x sequences."""
-    params = _small(tiny_eager_model)
-    alone = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 3, hutchinson_probes=2, seed=5)[0]
-    sizes = []
-    real = sensitivity.token_loss_sum
-
-    def counted(model, ids, mask):
-        sizes.append(ids.shape[0])
-        return real(model, ids, mask)
-
-    monkeypatch.setattr(sensitivity, "token_loss_sum", counted)
-    both = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson", "taylor2"], 3, hutchinson_probes=2, seed=5)[0]
-    assert sizes == [3, 3] + [1] * len(tiny_ids)  # hutchinson pass at 3, then fisher per sequence
-    assert_grads_close(both.hutchinson, alone.hutchinson, rtol=0, atol=0)  # the same batches, the same bits
-    assert_grads_close(both.fisher, reference_fisher(tiny_eager_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
-
-
-def test_hutchinson_through_chunked_cross_entropy(tiny_eager_model, tiny_ids, monkeypatch):
-    """Large vocabularies take the recomputed-chunk path; double backward must go through it."""
-    params = [_small(tiny_eager_model)[0], ("lm_head.weight", tiny_eager_model.lm_head.weight)]
-    whole = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 8, hutchinson_probes=3, seed=1)[0]
-    monkeypatch.setattr(sensitivity, "LOGITS_BUDGET_BYTES", 4 * 96 * 5)
-    chunked = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 8, hutchinson_probes=3, seed=1)[0]
-    assert_grads_close(chunked.hutchinson, whole.hutchinson, rtol=1e-4, atol=1e-7)
-    assert_grads_close(chunked.grad, whole.grad, rtol=1e-5, atol=1e-8)
-
-
-# ----------------------------------------------------------------------------- wanda
-
-
-def activation_sums(model: torch.nn.Module, ids: list[list[int]], names: list[str]) -> dict[str, torch.Tensor]:
-    """Per nn.Linear, the sum over every real token of x_j^2, gathered with forward hooks
-    over plain unpadded forward passes (no padding exists, so every token is real)."""
-    params = dict(model.named_parameters())
-    linear = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    sums, handles = {}, []
-    for name in names:
-        module = linear[id(params[name])]
-        sums[name] = torch.zeros(module.in_features)
-
-        def hook(module, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            sums[name] += (x * x).sum(dim=0)
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for seq in ids:
-                model(input_ids=torch.tensor([seq]))
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
-
-
-def test_wanda_activation_norms_equal_forward_hooks_over_real_tokens(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "weights")
-    acc, skipped = accumulate(tiny_model, tiny_ids, params, ["wanda"], micro_batch_size=4)
-    in_blocks = [n for n, _ in params if ".layers." in n]
-    assert set(acc.act_sq) == {*in_blocks, "lm_head.weight"}
-    expected = activation_sums(tiny_model, tiny_ids, in_blocks)
-    assert_grads_close({n: acc.act_sq[n] for n in in_blocks}, expected, rtol=1e-5, atol=1e-5)
-    assert skipped == {"model.embed_tokens.weight": "used as an embedding table, not only as a weight multiplying an input"}
-    # wanda alone still computes dL/dW (the shards carry the gradient)
-    assert_grads_close(acc.grad, reference_grads(tiny_model, tiny_ids, params))
-
-
-def test_wanda_output_head_norms_cover_every_real_token(tiny_model, tiny_ids):
-    params = scored_parameters(tiny_model, "weights")
-    acc, _ = accumulate(tiny_model, tiny_ids, params, ["wanda"], micro_batch_size=4)
-    expected = activation_sums(tiny_model, tiny_ids, ["lm_head.weight"])
-    torch.testing.assert_close(acc.act_sq["lm_head.weight"], expected["lm_head.weight"], rtol=1e-5, atol=1e-5)
-
-
-def test_wanda_skips_the_tied_embedding_and_non_linear_weights(tiny_tied_model, tiny_ids):
-    params = scored_parameters(tiny_tied_model, "all")
-    acc, skipped = accumulate(tiny_tied_model, tiny_ids, params, ["wanda"], micro_batch_size=8)
-    assert skipped["model.embed_tokens.weight"] == "used as an embedding table, not only as a weight multiplying an input"
-    assert "model.embed_tokens.weight" not in acc.act_sq
-    norms = [n for n, p in params if p.ndim == 1]
-    assert norms and all(skipped[n] == "not a weight that multiplies an input (nn.Linear, Conv1D, router or experts)"
-                         for n in norms)
-    linear = [n for n, p in params if p.ndim == 2 and n != "model.embed_tokens.weight"]
-    assert set(acc.act_sq) == set(linear)
-    assert set(skipped) == {"model.embed_tokens.weight", *norms}
+    sens, params = dense_shards
+    prepared = sens.parent / "prepared"
+    ids, meta = texts.read_prepared(prepared)
+    big = texts.PreparedTexts(list(range(len(ids))), ["x"] * len(ids), [s[:-1] + [10**6] for s in ids], len(ids))
+    texts.write_prepared(tmp_path / "prepared", big, meta)
+    (tmp_path / "prepared" / "tokenizer").symlink_to(prepared / "tokenizer", target_is_directory=True)
+    with pytest.raises(ModelError, match=r"the prepared token ids exceed .*'s vocabulary of \d+; rerun prepare$"):
+        run_sensitivity(tmp_path / "prepared", params, tmp_path / "out", Timings("sensitivity"))
+    assert not (tmp_path / "out").exists()

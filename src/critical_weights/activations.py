@@ -14,7 +14,7 @@ Both watch forward hooks over the real tokens only (padding excluded), and only 
 Embeddings (looked up, not multiplied) and tensors of any other kind are skipped, with the reason.
 
 The sums of squares are stored shaped to broadcast against the stored matrix view that
-`critical_weights.scoring` scores (see scoring._input_norms): (in,) per column for
+`critical_weights.scoring` scores (see scoring._input_rows): (in,) per column for
 (out, in) weights; (in, 1) per row for Conv1D; (E * in, 1) per row for experts stored
 (E, in, out); (E, 1, in) for experts stored (E, out, in).
 """

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from critical_weights.errors import ParamsError
+from critical_weights.metrics import METRICS
 from critical_weights.params_rules import (
     Boolean, Choice, ChoiceOrIndex, Choices, Integer, Integers, Number, Problems, String, param, read_section,
 )
 from critical_weights.params_yaml import read_yaml
 
-METRICS = ("grad_x_weight", "gradient", "magnitude", "fisher", "taylor2", "hutchinson", "wanda")
 RANK_MODES = ("per_layer", "per_block", "per_component", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")

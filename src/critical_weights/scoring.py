@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from critical_weights.sensitivity import Accumulators
+from critical_weights.accumulate import Accumulators
+from critical_weights.metrics import REGISTRY
 
 CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time
 GRID = 64  # pooled grid is at most GRID x GRID
@@ -34,39 +35,35 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _input_norms(act_sq: torch.Tensor, rows: slice, n_rows: int) -> torch.Tensor:
-    """L2 norm of each weight's input feature, broadcastable against the rows `rows` of the
-    stored matrix view. `act_sq` says by its shape which input each weight sees:
-    (cols,) one per column (nn.Linear, routers); (n_rows, 1) one per stored row (Conv1D,
+def _input_rows(act_sq: torch.Tensor, rows: slice, n_rows: int) -> torch.Tensor:
+    """The sums of squared inputs of each weight's input feature, broadcastable against the
+    rows `rows` of the stored matrix view. `act_sq` says by its shape which input each weight
+    sees: (cols,) one per column (nn.Linear, routers); (n_rows, 1) one per stored row (Conv1D,
     experts stored (E, in, out)); (E, 1, cols) one per column of each expert's rows (experts
     stored (E, out, in))."""
     if act_sq.ndim == 1:
-        return act_sq.sqrt()  # (cols,)
+        return act_sq  # (cols,)
     if act_sq.ndim == 2:
-        return act_sq[rows].sqrt()  # (r, 1)
+        return act_sq[rows]  # (r, 1)
     per_expert = n_rows // act_sq.shape[0]
     expert = torch.arange(rows.start, rows.stop, device=act_sq.device) // per_expert  # (r,)
-    return act_sq[expert, 0].sqrt()  # (r, cols)
+    return act_sq[expert, 0]  # (r, cols)
 
 
 def metric_scores(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, rows: slice) -> torch.Tensor:
-    """Scores of `rows` of one parameter, (r, cols) float32."""
+    """Scores of `rows` of one parameter, (r, cols) float32, by the metric's own score function."""
+    if metric not in REGISTRY:
+        raise ValueError(f"unknown metric {metric}")
     matrix = as_matrix(weight)
     w = matrix[rows].to(torch.float32, copy=True)  # (r, cols) float32, never the weight itself
-    if metric == "magnitude":
-        return w.abs_()
-    if metric == "wanda":
-        return w.abs_().mul_(_input_norms(acc.act_sq[name], rows, matrix.shape[0]))
-    if metric in ("grad_x_weight", "gradient"):
-        g = as_matrix(acc.grad[name])[rows]
-        return g.abs() if metric == "gradient" else w.mul_(g).abs_()
-    if metric == "fisher":
-        return as_matrix(acc.fisher[name])[rows].clone()
-    if metric == "taylor2":
-        return w.mul_(w).mul_(as_matrix(acc.fisher[name])[rows]).mul_(0.5)
-    if metric == "hutchinson":
-        return w.mul_(w).mul_(as_matrix(acc.hutchinson[name])[rows]).mul_(0.5)
-    raise ValueError(f"unknown metric {metric}")
+
+    def part(accumulator: str) -> torch.Tensor:
+        held = getattr(acc, accumulator)[name]
+        if accumulator == "act_sq":
+            return _input_rows(held, rows, matrix.shape[0])  # (cols,), (r, 1) or (r, cols) float32
+        return as_matrix(held)[rows]  # (r, cols) float32
+
+    return REGISTRY[metric].score(w, part)
 
 
 def row_chunks(n_rows: int, n_cols: int) -> Iterator[slice]:

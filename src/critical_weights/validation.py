@@ -38,7 +38,7 @@ from critical_weights.outputs import atomic_path, write_json, write_text
 from critical_weights.params import PERTURBATIONS, Params, RankParams, ValidateParams
 from critical_weights.perturbation import Selection, bit_index, digest, flat_view, perturbed
 from critical_weights.progress import Timings
-from critical_weights.sensitivity import pad_batch, perplexity, token_loss_sum
+from critical_weights.loss import pad_batch, perplexity, token_loss_sum
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
