@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 VOCAB = 96
@@ -96,3 +97,13 @@ def build_gemma3_multimodal(seed: int = 0) -> torch.nn.Module:
             if p.ndim >= 2:
                 p.normal_(0.0, 0.2)
     return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models have no work worth splitting between threads; one thread keeps these tests
+    quick on a busy machine. Results do not depend on it (tolerances are float32 bounds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import architectures
-from architectures import ARCHITECTURES, MOE, VOCAB, build
+from architectures import ARCHITECTURES, MOE, VOCAB, build, one_thread  # noqa: F401 (autouse fixture)
 from conftest import tiny_params
 from critical_weights import layout, loss, shards
 from critical_weights.accumulate import scored_parameters

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from architectures import build
+from architectures import build, one_thread  # noqa: F401 (autouse fixture)
 from conftest import build_tokenizer, run_prepare_and_sensitivity, tiny_params
 from critical_weights import layout, models
 from critical_weights.params import Params

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from architectures import ARCHITECTURES, MOE, build
+from architectures import ARCHITECTURES, MOE, build, one_thread  # noqa: F401 (autouse fixture)
 from critical_weights import layout
 
 EPS32 = torch.finfo(torch.float32).eps
