@@ -42,6 +42,8 @@ def _configs(vocab: int = VOCAB) -> dict[str, Callable]:
         "granite": lambda: T.GraniteConfig(**c, logits_scaling=4.0),
         "cohere": lambda: T.CohereConfig(**c, logit_scale=0.5),
         "mixtral": lambda: T.MixtralConfig(**c, **_MOE, num_local_experts=4),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**c, **_MOE, num_experts=4, moe_intermediate_size=12,
+                                              shared_expert_intermediate_size=20),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**c, **_MOE, num_experts=4, moe_intermediate_size=12, head_dim=8),
         "olmoe": lambda: T.OlmoeConfig(**c, **_MOE, num_experts=4),
         "gpt_oss": lambda: T.GptOssConfig(**c, **_MOE, num_local_experts=4, head_dim=8),
@@ -49,7 +51,7 @@ def _configs(vocab: int = VOCAB) -> dict[str, Callable]:
 
 
 ARCHITECTURES = tuple(_configs())
-MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 def build(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:

@@ -140,6 +140,7 @@ def test_components_read_as_the_issue_names_them(models):
     assert {"attention.query_key_value", "mlp.dense_4h_to_h"} <= comps("gpt_neox")
     assert {"mlp.gate", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= comps("mixtral")
     assert {"mlp.router", "mlp.experts.down_proj", "mlp.experts.down_proj_bias"} <= comps("gpt_oss")
+    assert {"mlp.shared_expert.up_proj", "mlp.shared_expert_gate", "mlp.gate"} <= comps("qwen2_moe")
 
 
 @pytest.mark.parametrize("arch", MOE)
@@ -158,5 +159,9 @@ def test_mlp_output_projections_write_the_residual_stream(models, arch):
     assert sorted(out) == [0, 1]
     names = {"down_proj", "c_proj", "dense_4h_to_h"}
     for block, params in out.items():
+        if arch == "qwen2_moe":  # the routed experts and the shared expert both write the residual
+            assert params == [f"model.layers.{block}.mlp.experts.down_proj",
+                              f"model.layers.{block}.mlp.shared_expert.down_proj.weight"]
+            continue
         assert len(params) == 1
         assert ".mlp." in params[0] and any(n in params[0] for n in names), params
