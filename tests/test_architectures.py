@@ -224,7 +224,9 @@ def test_expert_importance_report_and_heatmap(arch, ids, tmp_path):
     model = build(arch)
     params = tiny_params("unused", sensitivity={"metrics": ("grad_x_weight",), "dense": True, "keep": 40})
     compute_shards(model, architectures.tokenizer(), ids, params, tmp_path / "s", Timings("t"), {})
-    run_rank(tmp_path / "s", RankParams(mode="global", k=30), tmp_path / "r")
+    # MoE: rank the expert tensors only, so that the critical set is all experts' weights
+    run_rank(tmp_path / "s", RankParams(mode="global", k=30, include=("*experts*",) if arch in MOE else ()),
+             tmp_path / "r")
     meta, stats = shards.read_meta(tmp_path / "s"), shards.read_stats(tmp_path / "s")
     ranked = pq.read_table(tmp_path / "r" / "critical.parquet")
     layers = moe.expert_importance(meta, stats, ranked, "grad_x_weight")
@@ -253,6 +255,11 @@ def test_expert_importance_report_and_heatmap(arch, ids, tmp_path):
             assert per[e]["max"] == scores.max()
             want = sum(1 for r in ranked.to_pylist() if r["parameter"] in layer["tensors"] and r["expert"] == e)
             assert per[e]["critical"] == want and per[e]["critical_share"] == want / 30
+        in_layer = sum(1 for r in ranked.to_pylist() if r["parameter"] in layer["tensors"])
+        assert [e["critical_share_in_layer"] for e in layer["per_expert"]] == \
+            [(e["critical"] / in_layer if in_layer else 0.0) for e in layer["per_expert"]]
+    assert sum(e["critical"] for layer in layers for e in layer["per_expert"]) == 30
+    for layer in layers:
         assert sum(e["router_picks"] for e in layer["per_expert"]) == 2 * layer["tokens"]
         assert sum(e["router_share"] for e in layer["per_expert"]) == pytest.approx(2.0)
 

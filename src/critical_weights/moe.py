@@ -3,8 +3,9 @@
 Per layer and expert, from the shards alone (torch-free):
 - `sum` and `max`: of the expert's scores by the ranked metric, over every expert tensor of
   the layer (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, ...);
-- `critical` and `critical_share`: how many of the ranked critical weights are the expert's,
-  and their share of the whole critical set;
+- `critical`, `critical_share` and `critical_share_in_layer`: how many of the ranked critical
+  weights are the expert's, and their share of the whole critical set and of the critical
+  weights in the layer's expert tensors;
 - `router_picks` and `router_share`: how many real tokens of the texts the router sent to the
   expert, and their share of the tokens (the shares of one layer sum to its top-k).
 
@@ -41,6 +42,7 @@ def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, m
         for name, e in zip(names, experts_col):
             if name in owned and e is not None:
                 critical[e] += 1
+        in_layer = int(critical.sum())
         picks = layer["router_picks"]
         tokens = layer["tokens"]
         out.append({
@@ -49,6 +51,7 @@ def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, m
             "per_expert": [{
                 "expert": e, "sum": float(total[e]), "max": float(top[e]) if tensors else None,
                 "critical": int(critical[e]), "critical_share": critical[e] / n_critical if n_critical else 0.0,
+                "critical_share_in_layer": critical[e] / in_layer if in_layer else 0.0,
                 "router_picks": int(picks[e]), "router_share": picks[e] / tokens if tokens else 0.0,
             } for e in range(n)],
         })
@@ -56,11 +59,11 @@ def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, m
 
 
 CSV_HEADER = ("block", "experts", "expert", "metric", "sum", "max", "critical", "critical_share",
-              "router_picks", "router_share")
+              "critical_share_in_layer", "router_picks", "router_share")
 
 
 def importance_rows(layers: list[dict[str, Any]], metric: str) -> list[list[Any]]:
     """Long-format rows (CSV_HEADER) of `expert_importance`'s result."""
     return [[layer["block"], layer["experts"], e["expert"], metric, e["sum"], e["max"], e["critical"],
-             e["critical_share"], e["router_picks"], e["router_share"]]
+             e["critical_share"], e["critical_share_in_layer"], e["router_picks"], e["router_share"]]
             for layer in layers for e in layer["per_expert"]]
