@@ -291,8 +291,8 @@ def test_hist_of_real_scores_sums_to_the_positive_count():
 # ----------------------------------------------------------------------------- pooled grid
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (100, 70), (130, 3), (64, 200)])
-@pytest.mark.parametrize("chunk_rows", [7, 10_000])
+@pytest.mark.parametrize("shape", [(5, 7), (100, 70), (130, 3), (64, 200), (128, 70), (192, 128)])
+@pytest.mark.parametrize("chunk_rows", [4, 7, 10_000])  # row bins of 2 or 3 rows: aligned chunks, and not
 def test_grid_equals_brute_force_max_pool(monkeypatch, shape, chunk_rows):
     rows, cols = shape
     monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", chunk_rows * cols)

@@ -144,7 +144,7 @@ class _Running:
         self.zeros = torch.zeros((), dtype=torch.int64, device=device)
         self.negatives = torch.zeros((), dtype=torch.int64, device=device)
         self.hist = torch.zeros(N_BINS, dtype=torch.int64, device=device)
-        self.n_cols = n_cols
+        self.n_rows, self.n_cols = n_rows, n_cols
         self.gr, self.gc = min(GRID, n_rows), min(GRID, n_cols)
         self.grid = torch.full((self.gr, self.gc), -np.inf, device=device)
         self.row_bin = torch.arange(n_rows, device=device) * self.gr // n_rows  # (rows,)
@@ -181,8 +181,13 @@ class _Running:
         else:
             by_col = torch.full((s.shape[0], self.gc), -np.inf, device=s.device)
             by_col.scatter_reduce_(1, self.col_bin.expand(s.shape[0], -1), s, "amax")  # (r, gc)
-        row_idx = self.row_bin[rows].unsqueeze(1).expand(-1, self.gc)
-        self.grid.scatter_reduce_(0, row_idx, by_col, "amax")
+        per = self.n_rows // self.gr  # rows per grid row, when they divide evenly
+        if self.n_rows % self.gr == 0 and rows.start % per == 0 and s.shape[0] % per == 0:
+            cells = self.grid[rows.start // per : rows.start // per + s.shape[0] // per]  # (bins, gc) view
+            torch.maximum(cells, by_col.reshape(-1, per, self.gc).amax(dim=1), out=cells)  # a plain max again
+        else:
+            row_idx = self.row_bin[rows].unsqueeze(1).expand(-1, self.gc)
+            self.grid.scatter_reduce_(0, row_idx, by_col, "amax")
         if self.n_experts:
             expert = self.row_expert[rows]  # (r,) expert of each stored row
             self.expert_sum.index_add_(0, expert, s.sum(dim=1).double())
