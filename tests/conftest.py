@@ -173,6 +173,7 @@ def tiny_params(model_dir: Path, **sections) -> Params:
         sensitivity=replace(base.sensitivity, keep=40, dense=True),
         rank=replace(base.rank, k=10),
         validate=replace(base.validate, k_values=(1, 10)),
+        superweights=replace(base.superweights, top_k=10, n_texts=4),
     )
     for section, fields in sections.items():
         if section == "seed":

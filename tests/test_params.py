@@ -76,7 +76,7 @@ def test_every_problem_is_reported_at_once():
         "rank.k: 0 must be an integer >= 1",
         "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode",
         "plot.dpi: 10 must be an integer between 30 and 600",
-        "colour: unknown key; known keys here are model, plot, rank, seed, sensitivity, texts, validate",
+        "colour: unknown key; known keys here are model, plot, rank, seed, sensitivity, superweights, texts, validate",
     ]
 
 
@@ -104,7 +104,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"rank": {"kk": 5}},
      "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode"),
     ({"seeed": 1},
-     "seeed: unknown key (did you mean seed?); known keys here are model, plot, rank, seed, sensitivity, texts, validate"),
+     "seeed: unknown key (did you mean seed?); known keys here are model, plot, rank, seed, sensitivity, superweights, texts, validate"),
     ({"sensitivity": {"metric": ["fisher"]}},
      "sensitivity.metric: unknown key (did you mean sensitivity.metrics?); known keys here are batch_tokens, "
      "dense, hutchinson_probes, keep, metrics, micro_batch_size, parameters"),
@@ -120,6 +120,14 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"model": {"name": ""}}, "model.name: '' must be a non-empty string"),
     ({"texts": 5}, "texts: 5 is not a mapping"),
     ({"plot": {"heatmap_stat": "median"}}, "plot.heatmap_stat: 'median' is not one of max, mean"),
+    ({"superweights": {"threshold": 0}}, "superweights.threshold: 0 must be a positive number (the Super Weight paper uses 50)"),
+    ({"superweights": {"threshold": -5.5}},
+     "superweights.threshold: -5.5 must be a positive number (the Super Weight paper uses 50)"),
+    ({"superweights": {"threshold": "high"}},
+     "superweights.threshold: 'high' must be a positive number (the Super Weight paper uses 50)"),
+    ({"superweights": {"detect_on": "corpus"}}, "superweights.detect_on: 'corpus' is not one of prompt, prepared"),
+    ({"superweights": {"max_candidates": 0}}, "superweights.max_candidates: 0 must be an integer between 1 and 1000"),
+    ({"superweights": {"prompt": ""}}, "superweights.prompt: '' must be a non-empty string"),
     ({"model": {"device_map": "auto", "device": "cpu"}},
      "model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'"),
 ])
@@ -170,7 +178,7 @@ def test_unreadable_and_invalid_files(tmp_path):
 def test_top_level_that_is_not_a_mapping_names_the_sections():
     assert problems(["a"]) == [
         "top level: ['a'] is not a mapping; expected the sections "
-        "seed, texts, model, sensitivity, rank, plot, validate"]
+        "seed, texts, model, sensitivity, rank, plot, validate, superweights"]
 
 
 def test_a_huge_value_is_shown_short():

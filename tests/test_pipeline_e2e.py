@@ -19,7 +19,7 @@ import yaml
 
 from conftest import copy_project
 
-ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate"}
+ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights"}
 METRICS = ("grad_x_weight", "gradient", "magnitude", "fisher", "taylor2", "hutchinson", "wanda")
 
 
@@ -51,7 +51,7 @@ def repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     repo = copy_project(tmp_path / "project")
     _set_params(repo, model__name=str(tiny_model_dir), texts__n_texts=12, texts__max_length=24,
                 sensitivity__keep=20, sensitivity__metrics=list(METRICS), sensitivity__hutchinson_probes=2,
-                rank__k=5, validate__k_values=[1, 5])
+                rank__k=5, validate__k_values=[1, 5], superweights__top_k=5, superweights__n_texts=4)
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "tiny project"], repo)
@@ -86,8 +86,8 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     with open(repo / "reports" / "critical_weights.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3 * n_tensors
 
-    _set_params(repo, rank__metric="wanda")  # validate perturbs the top weights of rank.metric
-    assert _ran(_run(["dvc", "repro"], repo).stdout) == {"rank", "export", "plot", "validate"}
+    _set_params(repo, rank__metric="wanda")  # validate and superweights use the top weights of rank.metric
+    assert _ran(_run(["dvc", "repro"], repo).stdout) == {"rank", "export", "plot", "validate", "superweights"}
     for mode in ("per_block", "per_component", "global"):
         _set_params(repo, rank__mode=mode)
         run = _run(["dvc", "repro"], repo)

@@ -17,7 +17,7 @@ from typing import Any
 from critical_weights.errors import ParamsError
 from critical_weights.metrics import METRICS
 from critical_weights.params_rules import (
-    Boolean, Choice, ChoiceOrIndex, Choices, Integer, Integers, Number, Problems, String, param, read_section,
+    Boolean, Choice, ChoiceOrIndex, Choices, Integer, Integers, Number, Positive, Problems, String, param, read_section,
 )
 from critical_weights.params_yaml import read_yaml
 
@@ -30,6 +30,7 @@ HEATMAP_STATS = ("max", "mean")
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
 CONTROLS = ("random_k", "bottom_k")
 BIT_NAMES = ("sign", "exponent_msb")
+DETECT_ON = ("prompt", "prepared")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,18 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
+class SuperweightsParams:
+    prompt: str = param("Apple Inc. is a worldwide tech company.", String())  # the Super Weight paper's detection prompt
+    detect_on: str = param("prompt", Choice(DETECT_ON))  # prompt, or prepared: the n_texts measured texts, one pass each
+    # a spike is |activation| > threshold, at both the input and the output of an MLP output projection
+    threshold: float = param(50.0, Positive("the Super Weight paper uses 50"))
+    max_candidates: int = param(8, Integer(minimum=1, maximum=1000))  # zero each candidate and search again, at most this often
+    massive_top: int = param(3, Integer(minimum=1, maximum=100))  # largest hidden-state magnitudes reported per layer
+    top_k: int = param(100, Integer(minimum=1))  # global top-k by rank.metric checked against the spike channels
+    n_texts: int = param(16, Integer(minimum=0))  # prepared texts every loss is measured on, drawn as validate draws them; 0 = all
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = param(42, Integer(minimum=0, maximum=2**32 - 1))  # every random choice flows from here
     texts: TextsParams = TextsParams()
@@ -97,6 +110,7 @@ class Params:
     rank: RankParams = RankParams()
     plot: PlotParams = PlotParams()
     validate: ValidateParams = ValidateParams()
+    superweights: SuperweightsParams = SuperweightsParams()
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))

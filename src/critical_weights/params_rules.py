@@ -68,6 +68,18 @@ class Number:
 
 
 @dataclass(frozen=True)
+class Positive:
+    """A finite number > 0; `hint` says what is usual."""
+
+    hint: str
+
+    def check(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise Refused(f"{show(value)} must be a positive number ({self.hint})")
+        return float(value)
+
+
+@dataclass(frozen=True)
 class Boolean:
     def check(self, value: Any) -> bool:
         if not isinstance(value, bool):

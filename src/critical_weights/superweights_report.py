@@ -1,0 +1,144 @@
+"""The super-weight report: superweights.json (DVC metrics), the per-block CSV behind the DVC
+plot, and the figure (MLP output projection spikes and massive activations by layer)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from critical_weights.projections import Projection
+from critical_weights.superweights import Candidate, ProjectionRecord, Spike
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Decode = Callable[[int | None, int | None], str | None]  # (text, position) -> the token there
+
+
+def spike_json(s: Spike, decode: Decode) -> dict[str, Any]:
+    return {"value": s.value, "abs": abs(s.value), "channel": s.channel, "text": s.text,
+            "position": s.position, "token": decode(s.text, s.position)}
+
+
+def candidate_json(c: Candidate, ranks: dict[str, Any], decode: Decode) -> dict[str, Any]:
+    p = c.projection
+    return {"round": c.round, "parameter": p.parameter, "block": p.block, "component": p.component,
+            "expert": c.expert, "row": c.row, "col": c.col, "flat_index": c.flat_index, "layout": p.layout,
+            "weight": c.weight, "input_spike": spike_json(c.inp, decode), "output_spike": spike_json(c.out, decode),
+            "ranks": ranks}
+
+
+def record_json(r: ProjectionRecord, threshold: float, decode: Decode) -> dict[str, Any]:
+    p = r.projection
+    return {"block": p.block, "parameter": p.parameter, "component": p.component, "expert": r.expert,
+            "input": spike_json(r.inp, decode), "output": spike_json(r.out, decode),
+            "spikes_both_sides": r.spikes(threshold)}
+
+
+def spike_channels(records: Sequence[ProjectionRecord], threshold: float) -> dict[tuple[str, int | None], tuple[int | None, int | None]]:
+    """(parameter, expert) -> (output channel, input channel) of its spikes above threshold."""
+    out = {}
+    for r in records:
+        row = r.out.channel if abs(r.out.value) > threshold else None
+        col = r.inp.channel if abs(r.inp.value) > threshold else None
+        if row is not None or col is not None:
+            out[(r.projection.parameter, r.expert)] = (row, col)
+    return out
+
+
+def top_k_check(top: pa.Table, projections: list[Projection], records: Sequence[ProjectionRecord],
+                threshold: float, metric: str) -> dict[str, Any]:
+    """Which of the global top-k by rank.metric lie on a spike's output row or input column."""
+    by_name = {p.parameter: p for p in projections}
+    spikes = spike_channels(records, threshold)
+    on, n_proj, n_row, n_col = [], 0, 0, 0
+    for r in top.select(["rank", "parameter", "flat_index", "score", "weight"]).to_pylist():
+        proj = by_name.get(r["parameter"])
+        if proj is None:
+            continue
+        n_proj += 1
+        expert, row, col = proj.coordinates(r["flat_index"])
+        s_row, s_col = spikes.get((proj.parameter, expert), (None, None))
+        on_row, on_col = row == s_row, col == s_col
+        n_row, n_col = n_row + on_row, n_col + on_col
+        if on_row or on_col:
+            on.append({**r, "block": proj.block, "expert": expert, "row": row, "col": col,
+                       "on_spike_row": on_row, "on_spike_col": on_col})
+    return {"metric": metric, "k": top.num_rows, "n_in_mlp_output_projections": n_proj,
+            "n_on_spike_row": n_row, "n_on_spike_col": n_col, "on_spike_channels": on}
+
+
+def block_rows(records: Sequence[ProjectionRecord], massive: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per block: the largest |input| and |output| of its MLP output projection(s) over experts,
+    and the largest |hidden state| after the block (hidden_states[block + 1])."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in records:
+        b = r.projection.block
+        row = rows.setdefault(b, {"block": b, "mlp_input_max_abs": 0.0, "input_channel": -1,
+                                  "mlp_output_max_abs": 0.0, "output_channel": -1})
+        if abs(r.inp.value) > row["mlp_input_max_abs"]:
+            row["mlp_input_max_abs"], row["input_channel"] = abs(r.inp.value), r.inp.channel
+        if abs(r.out.value) > row["mlp_output_max_abs"]:
+            row["mlp_output_max_abs"], row["output_channel"] = abs(r.out.value), r.out.channel
+    for b, row in rows.items():
+        top = massive[b + 1]["top"][0] if b + 1 < len(massive) else None
+        row["hidden_max_abs"] = top["abs"] if top else None
+        row["hidden_channel"] = top["channel"] if top else None
+    return [rows[b] for b in sorted(rows)]
+
+
+def blocks_csv(rows: list[dict[str, Any]], threshold: float) -> str:
+    columns = ["block", "mlp_input_max_abs", "input_channel", "mlp_output_max_abs", "output_channel",
+               "hidden_max_abs", "hidden_channel", "threshold"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow([("" if r.get(c) is None else r[c]) for c in columns[:-1]] + [threshold])
+    return buf.getvalue()
+
+
+def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
+    """Left: max |input| and |output| of each block's MLP output projection, the threshold and
+    the candidates. Right: the largest |hidden state| and the median per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threshold = report["settings"]["threshold"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    blocks = [r["block"] for r in rows]
+    left.plot(blocks, [max(r["mlp_input_max_abs"], 1e-30) for r in rows], "o-", color="tab:blue", label="max |input|")
+    left.plot(blocks, [max(r["mlp_output_max_abs"], 1e-30) for r in rows], "s-", color="tab:red", label="max |output|")
+    left.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
+    for c in report["candidates"]:
+        left.annotate(f"({c['block']}, {c['row']}, {c['col']})" + ("" if c["expert"] is None else f" e{c['expert']}"),
+                      (c["block"], c["output_spike"]["abs"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    left.set_yscale("log")
+    left.set_xlabel("block")
+    left.set_ylabel("|activation| (log scale)")
+    left.set_title("MLP output projection: largest input and output", fontsize=10)
+    left.legend(fontsize=8)
+    layers = report["massive_activations"]
+    xs = [m["layer"] for m in layers]
+    right.plot(xs, [max(m["top"][0]["abs"], 1e-30) for m in layers], "o-", color="tab:purple", label="largest |h|")
+    right.plot(xs, [max(m["median_abs"], 1e-30) for m in layers], ".--", color="tab:gray", label="median |h|")
+    for m in layers:
+        right.annotate(str(m["top"][0]["channel"]), (m["layer"], m["top"][0]["abs"]), fontsize=6,
+                       textcoords="offset points", xytext=(0, 4), ha="center")
+    right.set_yscale("log")
+    right.set_xlabel("layer (0 = embeddings; labels: channel of the largest)")
+    right.set_ylabel("|hidden state| (log scale)")
+    right.set_title("Massive activations: hidden states by layer", fontsize=10)
+    right.legend(fontsize=8)
+    n = len(report["candidates"])
+    fig.suptitle(f"Super-weight candidates: {n} ({report['model']['name']}, {report['detection']['n_sequences']} "
+                 f"sequence(s), {report['detection']['n_tokens']} tokens)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
