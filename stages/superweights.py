@@ -22,31 +22,19 @@ from pathlib import Path
 
 import click
 
-from critical_weights.errors import reported
-from critical_weights.params import load_params
-from critical_weights.progress import Timings, setup_logging
+from critical_weights.cli import INPUT_DIR, OUTPUT_FILE, Params, Timings, stage_command
 from critical_weights.superweights import run_superweights
 
-_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-_OUT = click.Path(dir_okay=False, path_type=Path)
 
-
-@click.command(help=__doc__)
-@click.option("--params", "params_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="params.yaml", show_default=True)
-@click.option("--prepared", type=_DIR, required=True, help="Output of prepare.")
-@click.option("--sensitivity", type=_DIR, required=True, help="Output of sensitivity.")
-@click.option("--report", type=_OUT, required=True, help="JSON report (DVC metrics).")
-@click.option("--plot", type=_OUT, required=True, help="PNG: spikes per block, massive activations per layer.")
-@click.option("--table", type=_OUT, required=True, help="Per-block CSV behind the DVC plot.")
-@click.option("--timings", "timings_file", type=click.Path(path_type=Path), help="Untracked JSON file for per-phase seconds.")
-def main(params_file: Path, prepared: Path, sensitivity: Path, report: Path, plot: Path, table: Path,
-         timings_file: Path | None) -> None:
-    setup_logging()
-    timings = Timings("superweights")
-    with reported():
-        params = load_params(params_file)
-        run_superweights(prepared, sensitivity, params, report, plot, table, timings)
-    timings.write(timings_file)
+@stage_command("superweights", __doc__)
+@click.option("--prepared", type=INPUT_DIR, required=True, help="Output of prepare.")
+@click.option("--sensitivity", type=INPUT_DIR, required=True, help="Output of sensitivity.")
+@click.option("--report", type=OUTPUT_FILE, required=True, help="JSON report (DVC metrics).")
+@click.option("--plot", type=OUTPUT_FILE, required=True, help="PNG: spikes per block, massive activations per layer.")
+@click.option("--table", type=OUTPUT_FILE, required=True, help="Per-block CSV behind the DVC plot.")
+def main(params: Params, timings: Timings, prepared: Path, sensitivity: Path, report: Path, plot: Path,
+         table: Path) -> None:
+    run_superweights(prepared, sensitivity, params, report, plot, table, timings)
 
 
 if __name__ == "__main__":

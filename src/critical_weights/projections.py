@@ -1,18 +1,11 @@
 """The MLP output projection of every block, and a way to watch (or edit) what flows through it.
 
-The MLP output projection is the last weight an MLP applies: Llama's `mlp.down_proj`, GPT-2's
-`mlp.c_proj` (a Conv1D), NeoX's `mlp.dense_4h_to_h`, OPT's `fc2`, and for a Mixture of Experts
-the 3-D `mlp.experts.down_proj` (one matrix per expert) plus any shared expert's own.
-
-Coordinates follow the project's convention for every layout: `row` is the output unit and
-`col` the input feature. `flat_index` is the index into the tensor as stored:
-
-| layout | stored | flat_index |
-|---|---|---|
-| nn.Linear | (out, in) | row * in + col |
-| Conv1D | (in, out) | col * out + row |
-| experts, `out_in` | (E, out, in) | (expert * out + row) * in + col |
-| experts, `in_out` (gpt-oss) | (E, in, out) | (expert * in + col) * out + row |
+Which weights are the MLP output projections, and what their coordinates mean, is the layout
+module's business (`layout.mlp_output_projections`, `layout.describe`): Llama's
+`mlp.down_proj`, GPT-2's `mlp.c_proj` (a Conv1D), NeoX's `mlp.dense_4h_to_h`, and for a
+Mixture of Experts the 3-D `mlp.experts.down_proj` (one matrix per expert) plus any shared
+expert's own. `row` is the output unit and `col` the input feature in every layout; see
+layout.py for the flat-index formula of each kind.
 
 `watch` calls a function with the input x (n, in) and output y (n, out) of every call of a
 projection, per expert for MoE; what the function returns replaces y. nn.Linear and Conv1D
@@ -24,6 +17,7 @@ and the orientation come from the call itself, not from a model-specific copy of
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,97 +25,65 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from critical_weights import layout
 from critical_weights.errors import ModelError
 
-MLP_SEGMENTS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # module names of an MLP
-OUTPUT_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2", "wo")  # its last projection
-STANDALONE = ("fc2", "dense_4h_to_h")  # unambiguous even outside an `mlp` module (OPT, Falcon)
-_BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")
+log = logging.getLogger(__name__)
+
+WATCHABLE = ("linear", "conv1d", "experts", "experts_in_out")  # layout kinds `watch` can see
 _PRODUCTS = (F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)  # how an expert is applied
 
 
 @dataclass(frozen=True)
 class Projection:
-    """One MLP output projection: where it is and how its weight is stored."""
+    """One MLP output projection: its block and its layout."""
 
     block: int
-    parameter: str  # as model.named_parameters() names it
-    component: str  # module path inside the block, e.g. mlp.down_proj, mlp.experts.down_proj
-    layout: str  # linear (out, in), conv1d (in, out), out_in (E, out, in), in_out (E, in, out)
-    n_out: int
-    n_in: int
-    n_experts: int = 0  # 0 for a dense projection
+    tensor: layout.TensorLayout
+
+    @property
+    def parameter(self) -> str:
+        return self.tensor.parameter
+
+    @property
+    def component(self) -> str:
+        return self.tensor.component
+
+    @property
+    def layout(self) -> str:
+        return self.tensor.kind
+
+    @property
+    def n_experts(self) -> int:
+        return self.tensor.n_experts or 0
 
     def flat_index(self, expert: int | None, row: int, col: int) -> int:
         """Index into the stored tensor of the weight at (expert, row = output, col = input)."""
-        e = expert or 0
-        if self.layout == "linear":
-            return row * self.n_in + col
-        if self.layout == "conv1d":
-            return col * self.n_out + row
-        if self.layout == "out_in":
-            return (e * self.n_out + row) * self.n_in + col
-        return (e * self.n_in + col) * self.n_out + row
+        return int(self.tensor.flat_index(expert, row, col))
 
     def coordinates(self, flat_index: int) -> tuple[int | None, int, int]:
         """(expert, row, col) of a flat index: the inverse of flat_index."""
-        e, rest = divmod(flat_index, self.n_out * self.n_in) if self.n_experts else (None, flat_index)
-        if self.layout in ("linear", "out_in"):
-            row, col = divmod(rest, self.n_in)
-        else:
-            col, row = divmod(rest, self.n_out)
-        return e, row, col
+        e, row, col = self.tensor.coordinates([flat_index])
+        return (None if e is None else int(e[0])), int(row[0]), int(col[0])
 
 
-def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The ModuleList of transformer blocks and its qualified name (the longest such list)."""
-    lists = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and n.split(".")[-1] in _BLOCK_LISTS and len(m)]
-    if not lists:
-        raise ModelError(f"{type(model).__name__}: no list of transformer blocks found (looked for {', '.join(_BLOCK_LISTS)})")
-    return max(lists, key=lambda item: len(item[1]))
-
-
-def _is_output(path: str) -> bool:
-    parts = path.split(".")
-    return parts[-1] in OUTPUT_NAMES and (any(p in MLP_SEGMENTS for p in parts[:-1]) or parts[-1] in STANDALONE)
-
-
-def output_projections(model: torch.nn.Module) -> list[Projection]:
-    """Every block's MLP output projection(s), blocks in order; a block may hold several
-    (routed experts and a shared expert). Raises ModelError when no block has one."""
-    from transformers.pytorch_utils import Conv1D
-
-    prefix, blocks = decoder_blocks(model)
-    found: list[Projection] = []
-    for b, block in enumerate(blocks):
-        for path, module in block.named_modules():
-            if not _is_output(path):
-                continue
-            name = f"{prefix}.{b}.{path}.weight"
-            if isinstance(module, torch.nn.Linear):
-                found.append(Projection(b, name, path, "linear", module.out_features, module.in_features))
-            elif isinstance(module, Conv1D):
-                n_in, n_out = module.weight.shape
-                found.append(Projection(b, name, path, "conv1d", n_out, n_in))
-        for path, p in block.named_parameters():
-            if p.ndim == 3 and _is_output(path):
-                found.append(_experts(model, b, f"{prefix}.{b}.{path}", path, p))
+def output_projections(model: torch.nn.Module) -> tuple[list[Projection], dict[str, str]]:
+    """Every block's MLP output projection(s), blocks in order (a block may hold several:
+    routed and shared experts), and the ones `watch` cannot see, with the reason."""
+    tensors = layout.describe(model)
+    found, skipped = [], {}
+    for block, names in layout.mlp_output_projections(model).items():
+        for name in names:
+            t = tensors[name]
+            if t.kind in WATCHABLE:
+                found.append(Projection(block, t))
+            else:
+                skipped[name] = f"stored as {t.kind} {t.shape}, whose (row, col) orientation is unknown"
+                log.warning("superweights skips %s: %s", name, skipped[name])
     if not found:
-        raise ModelError(f"{type(model).__name__}: no MLP output projection found in its blocks "
-                         f"(looked for {', '.join(OUTPUT_NAMES)} inside {', '.join(MLP_SEGMENTS)})")
-    return found
-
-
-def _experts(model: torch.nn.Module, block: int, name: str, path: str, p: torch.Tensor) -> Projection:
-    """A 3-D expert tensor: (E, out, in) unless it is stored transposed, as gpt-oss does."""
-    hidden = model.config.get_text_config().hidden_size
-    n_experts, a, b = p.shape
-    owner = model.get_submodule(name.rsplit(".", 1)[0])
-    transposed = bool(getattr(owner, "is_transposed", False)) or (b == hidden and a != hidden)
-    layout = "in_out" if transposed else "out_in"
-    n_out, n_in = (b, a) if transposed else (a, b)
-    return Projection(block, name, path, layout, n_out, n_in, n_experts)
+        raise ModelError(f"{type(model).__name__}: no MLP output projection that can be watched "
+                         f"({', '.join(f'{n}: {why}' for n, why in skipped.items()) or 'none found in its blocks'})")
+    return found, skipped
 
 
 Watcher = Callable[[Projection, "int | None", torch.Tensor, torch.Tensor], "torch.Tensor | None"]

@@ -227,7 +227,7 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
                         head.select(["parameter", "flat_index", "weight"]))
     with timings.phase("load model"):
         model, device = load_checked(params, the_plan, max(max(s) for s in input_ids + [prompt]))
-        projections = output_projections(model)
+        projections, skipped = output_projections(model)
     with timings.phase("detect"):
         candidates, records, hidden = search(model, projections, detect, sp)
         massive = massive_activations(hidden, sp.massive_top)
@@ -253,6 +253,7 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         dmg = damage(meter, candidates, projections, top_pairs, {n: weights[n].numel() for n in touched}, params.seed)
     report = build_report(params, model, device, detect, measured, candidates, ranks, records, massive, check,
                           baseline, dmg, decode)
+    report["detection"]["skipped"] = skipped
     rows = rep.block_rows(records, massive)
     with timings.phase("write"):
         write_json(report_path, report)
