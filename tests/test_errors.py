@@ -25,7 +25,7 @@ from critical_weights.errors import ModelError, TextsError
 from critical_weights.params import DEVICES, DTYPES, METRICS, PERTURBATIONS, RANK_MODES
 
 ALL_METRICS = ", ".join(METRICS)
-SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate"
+SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate, superweights"
 KINDS = "smollm2-135m, a .gguf file, a model folder in Hugging Face format, or a hub id owner/name"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 

@@ -287,6 +287,9 @@ def build_report(params: Params, model: torch.nn.Module, device: torch.device, d
                       "tokens": [decode(0, i) for i in range(len(detect[0]))] if sp.detect_on == "prompt" else None,
                       "n_projections": len({r.projection.parameter for r in records}), "n_records": len(records)},
         "n_candidates": len(candidates),
+        "search_exhausted": len(candidates) < sp.max_candidates,  # false: max_candidates stopped it, more may remain
+        "note": None if candidates else (f"no MLP output projection has |input| and |output| above {sp.threshold:g}; "
+                                         "nothing to zero (see projections for the largest values)"),
         "candidates": found,
         "projections": [rep.record_json(r, sp.threshold, decode) for r in records],
         "massive_activations": massive,
