@@ -282,15 +282,17 @@ def run_stage(folder: Path, model_dir: Path, **superweights) -> tuple[object, Pa
     return result, out
 
 
-def test_stage_on_a_dense_model_with_a_planted_super_weight(tmp_path, vocab):
+@pytest.mark.parametrize("detect_on", ["prompt", "prepared"])
+def test_stage_on_a_dense_model_with_a_planted_super_weight(tmp_path, vocab, detect_on):
     model_dir = save(plant(build_tiny_model(vocab_size=vocab)), tmp_path / "model")
-    result, out = run_stage(tmp_path / "run", model_dir)
+    result, out = run_stage(tmp_path / "run", model_dir, detect_on=detect_on)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "superweights.json").read_text())
     (c,) = report["candidates"]
     assert (c["parameter"], c["block"], c["row"], c["col"], c["weight"]) == (
         "model.layers.0.mlp.down_proj.weight", BLOCK, ROW, COL, 2.0)
     assert c["input_spike"]["token"] is not None and c["input_spike"]["position"] is not None
+    assert report["detection"]["n_sequences"] == (1 if detect_on == "prompt" else 3)
     assert set(c["ranks"]) == {"grad_x_weight", "magnitude"}
     mag = c["ranks"]["magnitude"]
     assert mag["rank_in_tensor"] == 1 and mag["score"] == 2.0  # the largest |w| of its tensor

@@ -109,6 +109,7 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     threshold = report["settings"]["threshold"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -136,6 +137,8 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     right.set_ylabel("|hidden state| (log scale)")
     right.set_title("Massive activations: hidden states by layer", fontsize=10)
     right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     n = len(report["candidates"])
     fig.suptitle(f"Super-weight candidates: {n} ({report['model']['name']}, {report['detection']['n_sequences']} "
                  f"sequence(s), {report['detection']['n_tokens']} tokens)", fontsize=11)
