@@ -63,11 +63,8 @@ def _kept_ranks(sensitivity: Path, stats: pa.Table, order: dict[str, int], sizes
     in_tensor = ranked["rank"].to_numpy()  # global position, 1-based
     own = cands.to_pydict()
     tensor_rank = {(p, f): r for p, f, r in zip(own["parameter"], own["flat_index"], own["rank"])}
-    last = {}  # truncated tensor -> global position of its last kept weight
-    for n in order:
-        pos = np.flatnonzero(names == n)
-        if sizes[n] > keep and len(pos):
-            last[n] = int(in_tensor[pos[-1]])
+    final = {n: int(g) for n, g in zip(names, in_tensor)}  # tensor -> global position of its last kept weight
+    last = {n: g for n, g in final.items() if sizes[n] > keep}  # only truncated tensors hide weights
     out = []
     for name, f in items:
         if name not in order:
