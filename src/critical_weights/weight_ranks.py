@@ -56,7 +56,7 @@ def _unscored(name: str) -> dict[str, Any]:
 def _kept_ranks(sensitivity: Path, stats: pa.Table, order: dict[str, int], sizes: dict[str, int], keep: int,
                 metric: str, items: list[Item]) -> list[dict[str, Any]]:
     cands = shards.read_candidates(sensitivity, stats, metric)
-    ranked = ranking.rank_candidates(cands, order, "global", max(1, cands.num_rows))  # the union, best first
+    ranked = ranking.rank_candidates(cands, order, "global", max(1, cands.num_rows), shards.places(stats))  # the union, best first
     names = np.asarray(ranked["parameter"].to_pylist(), dtype=object)
     flat = ranked["flat_index"].to_numpy()
     score = ranked["score"].to_numpy()
