@@ -50,7 +50,8 @@ def stage_command(name: str, doc: str | None) -> Callable[[StageBody], click.Com
             timings.write(timings_file)
 
         params_option = click.Option(
-            ["--params", "params_file"], type=INPUT_FILE, default="params.yaml", show_default=True)
+            ["--params", "params_file"], type=INPUT_FILE, default="params.yaml", show_default=True,
+            help="The params file; validated in full before any work.")
         timings_option = click.Option(
             ["--timings", "timings_file"], type=PATH, help="Untracked JSON file for per-phase seconds.")
         return click.Command(name, callback=run, help=doc, params=[params_option, *own, timings_option])
