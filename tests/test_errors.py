@@ -20,7 +20,7 @@ import torch
 
 from _cli import assert_error, earlier_run, invoke, snapshot, write_params_file
 from conftest import CORPUS, tiny_params
-from critical_weights import models
+from critical_weights import model_source, models
 from critical_weights.errors import ModelError, TextsError
 from critical_weights.params import DEVICES, DTYPES, METRICS, PERTURBATIONS, RANK_MODES
 
@@ -426,7 +426,7 @@ def test_hub_id_when_the_hub_cannot_be_reached_fails_in_seconds(run, tmp_path, u
     start = time.perf_counter()
     result = prepare(run, params)
     assert time.perf_counter() - start < 10
-    assert calls == [models.HUB_TIMEOUT_S]  # one look-up, with a short timeout, no retries
+    assert calls == [model_source.HUB_TIMEOUT_S]  # one look-up, with a short timeout, no retries
     assert_error(result, (
         "model.name: 'someone/some-model' is neither a local folder nor in the local Hugging Face cache, and the hub "
         "cannot be reached: [Errno -2] Name or service not known; download it once while online, or name a local "
