@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import shlex
 import shutil
 import sys
 import tempfile
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness modules 
 
 from chain import run_chain  # noqa: E402
 from in_process import run_in_process  # noqa: E402
-from measure import describe_device, summarise, table  # noqa: E402
+from measure import describe_device, portable_command, summarise, table  # noqa: E402
 from shards_only import run_shards_only  # noqa: E402
 from workload import (  # noqa: E402
     DEFAULT_MICRO_BATCH, SIZES, active_weights, bench_params, build_model, matrix_counts, random_ids,
@@ -91,7 +90,7 @@ def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size
     raw = bench_params(n_seq, seq_len, micro, batch_tokens, keep, k, metric_list, seed, device_name)
     record: dict[str, Any] = {
         "mode": "chain" if chain else "shards-only" if shards_only else "in-process",
-        "command": shlex.join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
+        "command": portable_command(["python", "benchmarks/bench.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "device": describe_device(device), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": _version("transformers"), "size": size,

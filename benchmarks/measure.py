@@ -12,6 +12,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,7 +124,18 @@ def run_process(name: str, args: list[str], log: Path, **extra: Any) -> dict[str
         raise click.ClickException(f"{name} failed (exit {code}): {shlex.join(args)}\n{log.read_text()[-4000:]}")
     max_rss = json.loads(usage_file.read_text())["max_rss_kib"] * 1024  # Linux: KiB
     return {"phase": name, "where": "subprocess", "seconds": seconds, "host_peak_bytes": max_rss,
-            "command": shlex.join(args), **extra}
+            "command": portable_command(args), **extra}
+
+
+def portable_command(args: list[str]) -> str:
+    """The command as a reader can rerun it: `python`, paths relative to the repository, and
+    the temporary folder as $TMPDIR, so no record holds this machine's paths."""
+    tmp = tempfile.gettempdir().rstrip(os.sep) + os.sep
+    words = []
+    for a in map(str, args):
+        a = "python" if a == sys.executable else a.replace(str(ROOT) + os.sep, "")
+        words.append(a.replace(tmp, "$TMPDIR/"))
+    return shlex.join(words)
 
 
 def run_phase(name: str, result: Path, sub_args: list[str], logs: Path) -> dict[str, Any]:
