@@ -15,7 +15,6 @@ Massive activations (Sun et al., 2024) are the largest hidden-state magnitudes o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -33,9 +32,7 @@ from critical_weights.params import Params, SuperweightsParams, ValidateParams
 from critical_weights.perturbation import digest, flat_view, perturbed
 from critical_weights.progress import Timings
 from critical_weights.projections import Projection, output_projections, watch
-from critical_weights.validation import (
-    Plan, TextSets, choose_texts, group, load_checked, loss_record, mean_loss, save_png,
-)
+from critical_weights.validation import Plan, TextSets, choose_texts, group, load_checked, mean_loss, save_png
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +248,7 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         touched = list(dict.fromkeys([c.projection.parameter for c in candidates] + [n for n, _ in top_pairs[:len(candidates)]]))
         meter = Meter(model, sets, baseline, touched)
         dmg = damage(meter, candidates, projections, top_pairs, {n: weights[n].numel() for n in touched}, params.seed)
-    report = build_report(params, model, device, detect, measured, candidates, ranks, records, massive, check,
+    report = rep.build_report(params, model, device, detect, measured, candidates, ranks, records, massive, check,
                           baseline, dmg, decode)
     report["detection"]["skipped"] = skipped
     rows = rep.block_rows(records, massive)
@@ -261,39 +258,3 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         save_png(rep.figure(report, rows), plot_path)
     return report
 
-
-def build_report(params: Params, model: torch.nn.Module, device: torch.device, detect: list[list[int]],
-                 measured: list[list[int]], candidates: list[Candidate], ranks: list[dict[str, Any]], records: list[ProjectionRecord],
-                 massive: list[dict[str, Any]], check: dict[str, Any], baseline: float, dmg: dict[str, Any],
-                 decode: Any) -> dict[str, Any]:
-    """superweights.json: settings, detection, candidates (ranks and damage), massive
-    activations, the top-k check and the controls."""
-    from critical_weights import superweights_report as rep
-
-    sp = params.superweights
-    found = []
-    for i, c in enumerate(candidates):
-        entry = rep.candidate_json(c, ranks[i], decode)
-        entry["zeroed"], entry["restored"] = dmg["alone"][i], dmg["restored"][i]
-        found.append(entry)
-    base = loss_record(baseline, baseline)
-    del base["loss_increase"], base["finite"]
-    return {
-        "model": {"name": params.model.name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "device": device.type},
-        "settings": {**dataclasses.asdict(sp), "seed": params.seed, "rank_metric": params.rank.metric,
-                     "rank_include": list(params.rank.include), "rank_exclude": list(params.rank.exclude)},
-        "detection": {"n_sequences": len(detect), "n_tokens": sum(len(s) for s in detect),
-                      "tokens": [decode(0, i) for i in range(len(detect[0]))] if sp.detect_on == "prompt" else None,
-                      "n_projections": len({r.projection.parameter for r in records}), "n_records": len(records)},
-        "n_candidates": len(candidates),
-        "search_exhausted": len(candidates) < sp.max_candidates,  # false: max_candidates stopped it, more may remain
-        "note": None if candidates else (f"no MLP output projection has |input| and |output| above {sp.threshold:g}; "
-                                         "nothing to zero (see projections for the largest values)"),
-        "candidates": found,
-        "projections": [rep.record_json(r, sp.threshold, decode) for r in records],
-        "massive_activations": massive,
-        "top_k_check": check,
-        "baseline": {**base, "n_texts": len(measured), "n_tokens": sum(len(s) - 1 for s in measured)},
-        "controls": {k: v for k, v in dmg.items() if k not in ("alone", "restored")},
-    }

@@ -4,16 +4,20 @@ plot, and the figure (MLP output projection spikes and massive activations by la
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from critical_weights.params import Params
 from critical_weights.projections import Projection
 from critical_weights.superweights import Candidate, ProjectionRecord, Spike
+from critical_weights.validation import loss_record
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 Decode = Callable[[int | None, int | None], str | None]  # (text, position) -> the token there
@@ -145,3 +149,37 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     fig.tight_layout()
     return fig
 
+
+def build_report(params: Params, model: torch.nn.Module, device: torch.device, detect: list[list[int]],
+                 measured: list[list[int]], candidates: list[Candidate], ranks: list[dict[str, Any]], records: list[ProjectionRecord],
+                 massive: list[dict[str, Any]], check: dict[str, Any], baseline: float, dmg: dict[str, Any],
+                 decode: Any) -> dict[str, Any]:
+    """superweights.json: settings, detection, candidates (ranks and damage), massive
+    activations, the top-k check and the controls."""
+    sp = params.superweights
+    found = []
+    for i, c in enumerate(candidates):
+        entry = candidate_json(c, ranks[i], decode)
+        entry["zeroed"], entry["restored"] = dmg["alone"][i], dmg["restored"][i]
+        found.append(entry)
+    base = loss_record(baseline, baseline)
+    del base["loss_increase"], base["finite"]
+    return {
+        "model": {"name": params.model.name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "device": device.type},
+        "settings": {**dataclasses.asdict(sp), "seed": params.seed, "rank_metric": params.rank.metric,
+                     "rank_include": list(params.rank.include), "rank_exclude": list(params.rank.exclude)},
+        "detection": {"n_sequences": len(detect), "n_tokens": sum(len(s) for s in detect),
+                      "tokens": [decode(0, i) for i in range(len(detect[0]))] if sp.detect_on == "prompt" else None,
+                      "n_projections": len({r.projection.parameter for r in records}), "n_records": len(records)},
+        "n_candidates": len(candidates),
+        "search_exhausted": len(candidates) < sp.max_candidates,  # false: max_candidates stopped it, more may remain
+        "note": None if candidates else (f"no MLP output projection has |input| and |output| above {sp.threshold:g}; "
+                                         "nothing to zero (see projections for the largest values)"),
+        "candidates": found,
+        "projections": [record_json(r, sp.threshold, decode) for r in records],
+        "massive_activations": massive,
+        "top_k_check": check,
+        "baseline": {**base, "n_texts": len(measured), "n_tokens": sum(len(s) - 1 for s in measured)},
+        "controls": {k: v for k, v in dmg.items() if k not in ("alone", "restored")},
+    }
