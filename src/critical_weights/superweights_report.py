@@ -121,14 +121,21 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     left.plot(blocks, [max(r["mlp_input_max_abs"], 1e-30) for r in rows], "o-", color="tab:blue", label="max |input|")
     left.plot(blocks, [max(r["mlp_output_max_abs"], 1e-30) for r in rows], "s-", color="tab:red", label="max |output|")
     left.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
+    by_place: dict[tuple, list[int]] = {}  # (block, expert, col) -> rows, in search order
     for c in report["candidates"]:
-        left.annotate(f"({c['block']}, {c['row']}, {c['col']})" + ("" if c["expert"] is None else f" e{c['expert']}"),
-                      (c["block"], c["output_spike"]["abs"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        by_place.setdefault((c["block"], c["expert"], c["col"]), []).append(c["row"])
+        left.plot(c["block"], c["output_spike"]["abs"], "*", color="black", markersize=9)
+    for (b, e, col), found in by_place.items():
+        rows_text = "/".join(map(str, found)) if len(found) <= 2 else f"{len(found)} rows"
+        top = max(c["output_spike"]["abs"] for c in report["candidates"] if c["block"] == b and c["col"] == col)
+        left.annotate(f"({b}, {rows_text}, {col})" + ("" if e is None else f" expert {e}"), (b, top),
+                      textcoords="offset points", xytext=(0, 9), fontsize=8, ha="center")
+    left.plot([], [], "*", color="black", label="candidate: output spike when found")
     left.set_yscale("log")
     left.set_xlabel("block")
     left.set_ylabel("|activation| (log scale)")
-    left.set_title("MLP output projection: largest input and output", fontsize=10)
-    left.legend(fontsize=8)
+    left.set_title("MLP output projection: largest input and output (unmodified model)", fontsize=10)
+    left.legend(fontsize=7, loc="best")
     layers = report["massive_activations"]
     xs = [m["layer"] for m in layers]
     right.plot(xs, [max(m["top"][0]["abs"], 1e-30) for m in layers], "o-", color="tab:purple", label="largest |h|")
