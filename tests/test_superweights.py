@@ -331,6 +331,10 @@ def test_stage_runs_on_conv1d_and_moe_models(tmp_path, vocab, kind):
         assert c["layout"] == ("conv1d" if kind == "gpt2" else "experts")
         assert (c["expert"] is None) == (kind == "gpt2")
         assert len(c["restored"]) and c["zeroed"]["n_changed"] == 1
+        mag = c["ranks"]["magnitude"]  # the shards score this tensor, at the same flat index
+        assert mag["scored"]
+        if mag["rank_in_tensor"] is not None:
+            assert mag["score"] == abs(c["weight"])
     assert (out / "sw.png").read_bytes()[:8] == PNG
 
 
