@@ -16,7 +16,7 @@ from conftest import CORPUS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSV_HEADER = "rank,parameter,block,component,expert,row,col,flat_index,score,weight,gradient,metric,token"
 ALL_METRICS = "grad_x_weight, gradient, magnitude, fisher, taylor2, hutchinson, wanda"
-STAGES = ("prepare", "sensitivity", "rank", "export", "plot")
+STAGES = ("prepare", "sensitivity", "rank", "export", "plot", "superweights")
 
 
 def small_params(model_dir: Path | str, **sections: dict) -> dict:
@@ -58,6 +58,8 @@ def test_bad_params_file_is_one_error_line(name, tmp_path, write_params):
         "export": ["--prepared", folder, "--sensitivity", folder, "--ranked", folder, "--reports", tmp_path / "out"],
         "plot": ["--sensitivity", folder, "--ranked", folder, "--overlap", tmp_path / "overlap.json",
                  "--out", tmp_path / "out"],
+        "superweights": ["--prepared", folder, "--sensitivity", folder, "--report", tmp_path / "out" / "s.json",
+                         "--plot", tmp_path / "out" / "s.png", "--table", tmp_path / "out" / "s.csv"],
     }[name]
     result = invoke(name, "--params", params, *args)
     assert_error(result, f"invalid params.yaml: sensitivity.metrics: 'bogus' not one of {ALL_METRICS}")
