@@ -218,6 +218,20 @@ def copy_project(repo: Path) -> Path:
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (repo / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the project's plot templates
     (repo / ".gitignore").write_text("/logs/\n")
     return repo
+
+
+@pytest.fixture(scope="session")
+def validate_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, Path, Params]:
+    """Prepared texts, dense shards (grad_x_weight, magnitude, fisher) and the per-tensor
+    ranking of the tiny model over 8 texts (keep 40, rank.k 3): the inputs of validate."""
+    from critical_weights.ranking import run_rank
+
+    params = tiny_params(tiny_model_dir, sensitivity={"metrics": ("grad_x_weight", "magnitude", "fisher")},
+                         rank={"k": 3}, validate={"k_values": (1, 5, 20), "n_texts": 0})
+    folder = tmp_path_factory.mktemp("validate")
+    prepared, sens = run_prepare_and_sensitivity(folder, params)
+    run_rank(sens, params.rank, folder / "ranked")
+    return prepared, sens, folder / "ranked", params

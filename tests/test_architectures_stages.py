@@ -16,8 +16,9 @@ from conftest import build_tokenizer, run_prepare_and_sensitivity, tiny_params
 from critical_weights import layout, models
 from critical_weights.params import Params
 from critical_weights.progress import Timings
-from critical_weights.ranking import rank_metric
-from critical_weights.validation import plan, run_validate
+from critical_weights.ranking import rank_metric, run_rank
+from critical_weights.selection import plan
+from critical_weights.validation import Outputs, run_validate
 
 
 def save(folder: Path, arch: str) -> Path:
@@ -71,9 +72,12 @@ def test_validate_zeroes_expert_weights_by_expert_row_col(moe_run, tmp_path):
     prepared, sens, params, _ = moe_run
     the_plan = plan(sens, params.rank, params.validate, params.seed)
     assert all(".experts." in n for n in the_plan.touched)
-    report = run_validate(prepared, sens, Path(params.texts.source), params, tmp_path / "v.json",
-                          tmp_path / "d.png", tmp_path / "d.csv", Timings("validate"))
+    run_rank(sens, params.rank, tmp_path / "ranked")
+    params = dataclasses.replace(params, validate=dataclasses.replace(params.validate, single_weights=2, random_draws=2))
+    out = Outputs(tmp_path / "v.json", tmp_path / "r.json", tmp_path / "d.png", tmp_path / "d.csv", tmp_path / "p.png")
+    report = run_validate(prepared, sens, tmp_path / "ranked", Path(params.texts.source), params, out, Timings("validate"))
+    primary = report["texts"]["primary"]
     for k in (1, 5):
         entry = report["damage"]["zero"][f"k{k}"]
         assert entry["critical"]["n_changed"] == k
-        assert entry["critical"]["loss_increase"] != 0.0
+        assert entry["critical"][primary]["loss_increase"] != 0.0

@@ -86,12 +86,16 @@ def test_metrics_and_stats_agree_with_the_shards(exported):
     meta = shards.read_meta(sens)
     stats = [r for r in shards.read_stats(sens).to_pylist() if r["metric"] == "grad_x_weight"]
     scores = [float(r["score"]) for r in csv.DictReader(io.StringIO((reports / "critical_weights.csv").read_text()))]
+    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss", "perplexity", "n_critical", "max_score"}
     assert metrics["n_critical"] == len(scores)
+    assert metrics["n_tensors"] == len(stats) == meta["n_parameters"]
     assert metrics["max_score"] == max(r["max"] for r in stats)
-    assert metrics["mean_score"] == pytest.approx(sum(r["sum"] for r in stats) / sum(r["count"] for r in stats), rel=1e-12)
-    assert metrics["critical_share_of_total"] == pytest.approx(sum(scores) / sum(r["sum"] for r in stats), rel=1e-6)
-    assert metrics["critical_min_score"] == pytest.approx(min(scores), rel=1e-7)
-    assert (metrics["avg_loss"], metrics["n_tokens"], metrics["n_weights"]) == (meta["avg_loss"], meta["n_tokens"], meta["n_weights"])
+    assert (metrics["loss"], metrics["n_tokens"], metrics["n_weights"]) == (meta["avg_loss"], meta["n_tokens"], meta["n_weights"])
+    critical = read_json(reports / "sensitivity_stats.json")["critical_set"]
+    assert critical["mean_score_all_weights"] == pytest.approx(sum(r["sum"] for r in stats) / sum(r["count"] for r in stats), rel=1e-12)
+    assert critical["share_of_total_score"] == pytest.approx(sum(scores) / sum(r["sum"] for r in stats), rel=1e-6)
+    assert critical["min_score"] == pytest.approx(min(scores), rel=1e-7)
+    assert critical["n_critical"] == len(scores) and critical["metric"] == "grad_x_weight"
     per_param = read_json(reports / "sensitivity_stats.json")["parameters"]
     assert list(per_param) == sorted({r["parameter"] for r in shards.read_stats(sens).to_pylist()})  # JSON keys sorted
     first = per_param[stats[0]["parameter"]]["metrics"]["grad_x_weight"]

@@ -377,6 +377,7 @@ KNOWN_KEYS = [
     "dtype", "device", "device_map", "trust_remote_code", "allow_pickle", "metrics", "parameters",
     "micro_batch_size", "batch_tokens", "keep", "dense", "hutchinson_probes", "metric", "mode", "k", "include",
     "exclude", "dpi", "heatmap_stat", "perturbations", "controls", "k_values", "noise_sigma", "bit", "holdout",
+    "random_draws", "exported", "single_weights", "heatmap_tensor",
 ]
 near_keys = st.one_of(
     st.sampled_from(KNOWN_KEYS),

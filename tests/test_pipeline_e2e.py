@@ -3,6 +3,9 @@
 Checks that a second repro runs nothing, that `dvc repro -f` leaves dvc.lock unchanged, that
 changing rank.k, rank.mode or rank.metric reruns rank, export and plot but not prepare or
 sensitivity, that `dvc params diff` shows the change, and that `dvc exp run -S seed=7` works.
+Then, under `dvc repro`: a failed stage's outputs are deleted by DVC and `dvc checkout` brings
+them back; DVC's own message for a missing texts.source; and a local-folder DVC remote
+round trip from a fresh clone.
 Every metric is computed, so each one runs through `dvc repro`.
 """
 
@@ -82,7 +85,7 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     diff = _run(["dvc", "params", "diff"], repo)
     assert "rank.k" in diff.stdout and "5" in diff.stdout and "3" in diff.stdout
     third = _run(["dvc", "repro"], repo)
-    assert _ran(third.stdout) == {"rank", "export", "plot"}
+    assert _ran(third.stdout) == {"rank", "export", "plot", "validate"}  # validate checks the exported set
     with open(repo / "reports" / "critical_weights.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3 * n_tensors
 
@@ -91,7 +94,7 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     for mode in ("per_block", "per_component", "global"):
         _set_params(repo, rank__mode=mode)
         run = _run(["dvc", "repro"], repo)
-        assert _ran(run.stdout) == {"rank", "export", "plot"}, mode
+        assert _ran(run.stdout) == {"rank", "export", "plot", "validate"}, mode
         with open(repo / "reports" / "critical_weights.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert {r["metric"] for r in rows} == {"wanda"}
@@ -101,3 +104,62 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     _run(["git", "checkout", "params.yaml", "dvc.lock"], repo)
     exp = _run(["dvc", "exp", "run", "-S", "seed=7"], repo)
     assert _ran(exp.stdout) >= {"prepare", "sensitivity"}
+
+
+def _fails(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd / "src")}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, f"{' '.join(args)} should have failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_repo(repo: Path) -> Path:
+    """The tiny project with two metrics, run once and committed."""
+    _set_params(repo, sensitivity__metrics=["grad_x_weight", "magnitude"], validate__single_weights=2,
+                validate__random_draws=2)
+    _run(["dvc", "repro"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "run"], repo)
+    return repo
+
+
+def test_failed_stage_outputs_come_back_with_dvc_checkout(small_repo: Path) -> None:
+    repo = small_repo
+    before = _tree(repo / "data" / "ranked")
+    _set_params(repo, rank__k="many")
+    failed = _fails(["dvc", "repro"], repo)
+    assert "Error: invalid params.yaml: rank.k: 'many' is not an integer" in failed.stderr
+    assert "ERROR: failed to reproduce 'rank': failed to run: python stages/rank.py" in failed.stderr
+    assert not (repo / "data" / "ranked").exists(), "DVC deletes a stage's outputs before it runs it"
+    _run(["dvc", "checkout", "data/ranked"], repo)
+    assert _tree(repo / "data" / "ranked") == before
+    _run(["git", "checkout", "params.yaml"], repo)
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
+
+    _set_params(repo, texts__source="data/texts/missing.jsonl")
+    missing = _fails(["dvc", "repro"], repo)
+    assert f"ERROR: failed to reproduce 'prepare': [Errno 2] No such file or directory: '{repo / 'data/texts/missing.jsonl'}'" \
+        in missing.stderr
+    _run(["git", "checkout", "params.yaml"], repo)
+
+
+def test_a_local_folder_remote_round_trip_from_a_fresh_clone(small_repo: Path, tmp_path: Path) -> None:
+    repo, store = small_repo, tmp_path / "store"
+    _run(["dvc", "remote", "add", "-d", "shared", str(store)], repo)
+    _run(["git", "commit", "-qam", "DVC remote"], repo)
+    _run(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "reports" / "critical_weights.csv").exists()
+    _run(["dvc", "pull"], clone)
+    for out in ("data/prepared", "data/sensitivity", "data/ranked", "reports"):
+        assert _tree(clone / out) == _tree(repo / out), out
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone).stdout
+    _run(["dvc", "get", str(repo), "reports/critical_weights.csv", "--rev", "HEAD", "-o", str(tmp_path / "got.csv")], tmp_path)
+    assert (tmp_path / "got.csv").read_bytes() == (repo / "reports" / "critical_weights.csv").read_bytes()

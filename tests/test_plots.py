@@ -4,18 +4,23 @@ the CSVs behind DVC's plots equal the exact statistics in the shards."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import struct
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from matplotlib.patches import StepPatch
 
 from critical_weights import plots, shards
+from critical_weights.errors import ParamsError
+from critical_weights.export import run_export
 from critical_weights.params import PlotParams, RankParams
-from critical_weights.ranking import run_rank
+from critical_weights.ranking import read_ranked, run_rank
 
 ROWS = [  # layer_table rows of a two-block model and its output head
     {"parameter": "model.layers.0.mlp.down_proj.weight", "block": 0, "component": "mlp.down_proj", "max": 4.0, "mean": 0.5},
@@ -29,17 +34,18 @@ ROWS = [  # layer_table rows of a two-block model and its output head
 def test_distribution_shows_the_used_bins_the_threshold_and_every_count():
     edges = np.linspace(-4, 0, 9)
     counts = np.array([0, 0, 3, 0, 5, 2, 0, 0])
-    fig = plots.distribution_figure(edges, counts, zeros=7, negatives=1, threshold=0.01, metric="fisher", label="cut")
+    fig = plots.distribution_figure(edges, counts, zeros=7, negatives=1, cutoffs=np.array([0.01]), metric="fisher",
+                                    mode="global", k=4)
     ax = fig.axes[0]
     (steps,) = [p for p in ax.patches if isinstance(p, StepPatch)]
     values, step_edges = steps.get_data()[:2]
     assert values.tolist() == [3, 0, 5, 2] and step_edges.tolist() == edges[2:7].tolist()  # empty tails cut
     (line,) = ax.get_lines()
     assert line.get_xdata()[0] == pytest.approx(-2.0)  # log10 of the threshold
-    assert ax.get_xlabel() == "log10(fisher score)" and ax.get_ylabel() == "number of weights"
+    assert ax.get_xlabel() == "log10(fisher score)" and ax.get_ylabel() == "number of weights (log scale)"
     assert ax.get_yscale() == "log"
     assert ax.get_title() == "Distribution of all 18 fisher scores (exact histogram)"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["weights per bin", "cut: 0.01"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["weights per bin", "global top-4 cut-off: 0.01"]
     assert ax.texts[0].get_text() == "zero scores: 7\nnegative scores: 1"
 
 
@@ -60,30 +66,36 @@ def test_layer_comparison_has_a_line_per_component_and_the_head_dashed():
 
 
 def test_heatmap_cells_are_log10_scores_by_block_and_component():
-    grid = np.array([[1.0, 0.0], [10.0, 100.0]], dtype=np.float32)
-    fig = plots.heatmap_figure(ROWS, "max", "grad_x_weight", grid, "model.layers.1.mlp.down_proj.weight")
+    tensor = {"parameter": "model.layers.1.mlp.down_proj.weight", "grid": [1.0, 0.0, 10.0, 100.0],
+              "grid_rows": 2, "grid_cols": 2, "n_rows": 5, "n_cols": 4}
+    fig = plots.heatmap_figure(ROWS, "max", "grad_x_weight", tensor)
     left, right = fig.axes[:2]  # then the two colorbars
     cells = left.get_images()[0].get_array()
     # rows: blocks 0, 1; cols: the components in the order the rows first name them
     assert np.allclose(cells, np.log10([[4.0, 1.0], [8.0, 2.0]]))
     assert [t.get_text() for t in left.get_xticklabels()] == ["mlp.down_proj", "self_attn.q_proj"]
     assert [t.get_text() for t in left.get_yticklabels()] == ["0", "1"]
-    shown = right.get_images()[0].get_array()
+    shown = right.collections[0].get_array().reshape(2, 2)
     assert shown[0, 1] is np.ma.masked or np.isnan(shown[0, 1])  # a zero score has no log
     assert np.allclose(np.asarray(shown)[[0, 1, 1], [0, 0, 1]], [0.0, 1.0, 2.0])
-    assert "max-pooled 2x2 grid" in right.get_title()
+    assert right.get_xlim() == (0, 4) and right.get_ylim() == (5, 0)  # real columns and rows
+    assert right.get_title().startswith("model.layers.1.mlp.down_proj.weight")
 
 
-def test_overlap_matrix_is_symmetric_with_the_jaccard_of_each_pair():
+def test_overlap_matrix_holds_the_jaccard_of_each_pair():
+    per = {"t0": {"jaccard": 0.0}, "t1": {"jaccard": 0.5}}
     overlap = {"metrics": ["a", "b", "c"], "rank": {"mode": "per_layer", "k": 5},
-               "pairs": {"a vs b": {"jaccard": 0.25, "spearman": 0.5}, "a vs c": {"jaccard": 0.75, "spearman": None}}}
+               "pairs": {"a vs b": {"jaccard": 0.25, "spearman": 0.5, "per_tensor": per},
+                         "a vs c": {"jaccard": 0.75, "spearman": None, "per_tensor": per}}}
     fig = plots.overlap_figure(overlap)
     ax = fig.axes[0]
-    matrix = ax.get_images()[0].get_array()
-    assert np.array_equal(matrix, [[1, 0.25, 0.75], [0.25, 1, 0], [0.75, 0, 1]])
+    matrix = np.asarray(ax.get_images()[0].get_array())
+    assert matrix[1, 0] == 0.25 and matrix[2, 0] == 0.75 and np.isnan(matrix[2, 1]) and np.isnan(matrix[0, 1])
     cell = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
-    assert cell[(0, 1)] == cell[(1, 0)] == "J 0.25\nρ 0.50" and cell[(0, 2)] == "J 0.75\nρ n/a"
+    assert cell == {(1, 0): "0.25", (2, 0): "0.75"}
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert labels == ["a vs b\n(ρ 0.50)", "a vs c\n(ρ n/a)"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -159,3 +171,122 @@ def test_dvc_draws_one_line_per_component_the_model_has(plotted, tmp_path):
     assert [v["component"] for v in spec["data"]["values"]] == [r["component"] for r in table]
     assert {r["component"] for r in table} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+# ----------------------------------------------------------------------------- on the tiny model's real run
+
+@pytest.fixture(scope="module")
+def reported_run(validate_run, tmp_path_factory) -> tuple[Path, Path, Path]:
+    prepared, sens, ranked, params = validate_run
+    reports = tmp_path_factory.mktemp("reports")
+    run_export(sens, ranked, prepared, reports)
+    plots.run_plot(sens, ranked, reports / "metric_overlap.json", reports / "plots", PlotParams(dpi=50))
+    return sens, ranked, reports
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def test_every_png_decodes_to_its_figure_size(reported_run):
+    _, _, reports = reported_run
+    for name, size in [("sensitivity_distribution.png", (9, 4.8)), ("metric_overlap.png", None),
+                       ("layer_comparison.png", (11, 8)), ("sensitivity_heatmap.png", None)]:
+        image = matplotlib.image.imread(reports / "plots" / name)
+        assert image.ndim == 3 and image.shape[2] in (3, 4), name
+        if size is not None:
+            assert image.shape[:2] == (round(size[1] * 50), round(size[0] * 50)), name
+
+
+def stats_of(sens: Path, metric: str):
+    stats = shards.read_stats(sens)
+    return stats.filter(pc.equal(stats["metric"], metric))
+
+
+def test_distribution_is_the_exact_histogram_with_each_groups_cut_off(reported_run):
+    sens, ranked_dir, reports = reported_run
+    ranked, info = read_ranked(ranked_dir)
+    stats = stats_of(sens, "grad_x_weight")
+    counts, zeros, negatives = plots.histogram(stats)
+    edges = plots._edges(shards.read_meta(sens))
+    cutoffs = ranked.group_by("group").aggregate([("score", "min")])["score_min"].to_numpy().astype(np.float64)
+    fig = plots.distribution_figure(edges, counts, zeros, negatives, cutoffs, "grad_x_weight", "per_layer", 3)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "log10(grad_x_weight score)" and ax.get_yscale() == "log"
+    assert ax.get_ylabel() == "number of weights (log scale)"
+    drawn = ax.patches[0].get_data()  # StepPatch: (values, edges)
+    assert int(drawn.values.sum()) == int(counts.sum()) == stats["count"].to_numpy().sum() - zeros - negatives
+    ticks = ax.lines[0].get_xdata()
+    assert sorted(ticks) == pytest.approx(sorted(np.log10(cutoffs)))
+    assert len(ticks) == len(stats) == info["n_groups"], "one cut-off per tensor in per_layer mode"
+    assert "cut-off of each of" in ax.get_legend().get_texts()[1].get_text()
+    rows = read_csv(reports / "plots" / "score_histogram.csv")
+    centres = [float(r["log10_score"]) for r in rows]
+    assert centres == sorted(centres), "bins in order"
+    assert sum(int(r["count"]) for r in rows) == int(counts.sum())
+    glob = plots.distribution_figure(edges, counts, zeros, negatives, cutoffs[:1], "grad_x_weight", "global", 3)
+    assert glob.axes[0].get_legend().get_texts()[1].get_text().startswith("global top-3 cut-off")
+
+
+def test_layer_comparison_lines_equal_the_csv(reported_run):
+    sens, _, reports = reported_run
+    rows = plots.layer_table(stats_of(sens, "grad_x_weight"))
+    fig = plots.layer_comparison_figure(rows, "grad_x_weight")
+    top = fig.axes[0]
+    comps = plots._components(rows)
+    lines = [line for line in top.lines if line.get_label() in comps]
+    assert [line.get_label() for line in lines] == comps
+    table = read_csv(reports / "plots" / "layer_comparison.csv")  # long format
+    for line in lines:
+        want = sorted((int(r["block"]), float(r["max"])) for r in table if r["component"] == line.get_label())
+        assert list(line.get_xdata()) == [b for b, _ in want]
+        assert list(line.get_ydata()) == pytest.approx([v for _, v in want], rel=1e-6)
+    assert top.get_yscale() == "log" and fig.axes[1].get_xlabel() == "transformer block"
+
+
+def test_heatmap_grid_is_in_real_rows_and_columns_and_the_tensor_is_a_param(reported_run):
+    sens, _, _ = reported_run
+    stats = stats_of(sens, "grad_x_weight")
+    rows = plots.layer_table(stats)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensor = plots.heatmap_tensor(stats, name)
+    fig = plots.heatmap_figure(rows, "max", "grad_x_weight", tensor)
+    grid_ax = fig.axes[1]
+    assert grid_ax.get_title().startswith(name)
+    assert grid_ax.get_xlim() == (0, tensor["n_cols"]) and grid_ax.get_ylim() == (tensor["n_rows"], 0)
+    assert grid_ax.get_xlabel() == "input column (col)" and grid_ax.get_ylabel() == "output row (row)"
+    mesh = grid_ax.collections[0]
+    grid = np.array(tensor["grid"]).reshape(tensor["grid_rows"], tensor["grid_cols"])
+    assert np.allclose(np.asarray(mesh.get_array()).reshape(grid.shape), np.log10(grid), rtol=1e-6)
+    assert plots.grid_edges(100, 64)[-1] == 100 and plots.grid_edges(32, 32).tolist() == list(range(33))
+    assert plots.heatmap_tensor(stats, "top")["max"] == max(stats["max"].to_pylist())
+    with pytest.raises(ParamsError) as info:
+        plots.heatmap_tensor(stats, "model.layers.1.mlp.up_proj")
+    assert info.value.problems == ["plot.heatmap_tensor: 'model.layers.1.mlp.up_proj' is not a scored parameter "
+                                   "(did you mean model.layers.1.mlp.up_proj.weight?); use top or a parameter name "
+                                   "from critical_weights.csv"]
+
+
+def test_overlap_figure_shows_each_pair_per_tensor(reported_run):
+    _, _, reports = reported_run
+    overlap = json.loads((reports / "metric_overlap.json").read_text())
+    fig = plots.overlap_figure(overlap)
+    assert len(overlap["metrics"]) == 3 and len(fig.axes) == 3, "matrix, its colour bar, and the per-tensor panel"
+    ax = fig.axes[1]
+    names = list(overlap["pairs"])
+    dots, diamonds = ax.collections[0::2], ax.collections[1::2]  # per pair: its tensors, then its overall index
+    assert [float(c.get_offsets()[0][0]) for c in diamonds] == pytest.approx([overlap["pairs"][n]["jaccard"] for n in names])
+    for c, n in zip(dots, names):
+        assert sorted(c.get_offsets()[:, 0]) == pytest.approx(sorted(t["jaccard"] for t in overlap["pairs"][n]["per_tensor"].values()))
+    assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == names
+    two = dict(overlap, metrics=overlap["metrics"][:2], pairs={names[0]: overlap["pairs"][names[0]]})
+    fig2 = plots.overlap_figure(two)
+    assert len(fig2.axes) == 1
+    dots = fig2.axes[0].collections[0].get_offsets()[:, 0]
+    assert sorted(dots) == pytest.approx(sorted(t["jaccard"] for t in overlap["pairs"][names[0]]["per_tensor"].values()))
+
+
+def test_run_plot_with_an_unknown_heatmap_tensor_raises(reported_run, tmp_path):
+    sens, ranked, reports = reported_run
+    with pytest.raises(ParamsError, match="plot.heatmap_tensor: 'nope' is not a scored parameter"):
+        plots.run_plot(sens, ranked, reports / "metric_overlap.json", tmp_path, dataclasses.replace(PlotParams(), heatmap_tensor="nope"))

@@ -209,5 +209,9 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, write_params, request, ti
         assert json.loads((reports / name).read_text(encoding="utf-8"))
     metrics = json.loads((reports / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_critical"] == len(rows)
-    assert metrics["n_parameters"] == len(expected_tensors)
+    assert metrics["n_tensors"] == len(expected_tensors)
+    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss", "perplexity", "n_critical", "max_score"}
+    stats = json.loads((reports / "sensitivity_stats.json").read_text(encoding="utf-8"))
+    critical = stats["critical_set"]
+    assert critical["n_critical"] == len(rows) and critical["min_score"] == pytest.approx(min(float(r["score"]) for r in rows))
     assert (tmp_path / "logs" / "prepare.json").is_file()

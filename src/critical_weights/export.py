@@ -94,6 +94,22 @@ def concentration(ranked: pa.Table) -> dict[str, Any]:
     return out
 
 
+def critical_summary(ranked: pa.Table, metric_stats: pa.Table, rank: dict[str, Any]) -> dict[str, Any]:
+    """The critical set against every score of the ranked metric.
+
+    `share_of_total_score` is the critical scores' sum over the sum of every score of every
+    scored weight: how much of the total sensitivity the critical set holds. `min_score` is
+    the lowest critical score; outside `global` mode each group has its own cut-off."""
+    total_sum = sum(metric_stats["sum"].to_pylist())
+    scores = ranked["score"].to_numpy().astype("float64")  # (n_critical,)
+    return {
+        "metric": rank["metric"], "mode": rank["mode"], "k": rank["k"], "n_critical": ranked.num_rows,
+        "min_score": float(scores.min()) if len(scores) else None,
+        "mean_score_all_weights": total_sum / max(1, sum(metric_stats["count"].to_pylist())),
+        "share_of_total_score": float(scores.sum() / total_sum) if total_sum else None,
+    }
+
+
 def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Path) -> None:
     """Write critical_weights.csv, sensitivity_stats.json, metric_overlap.json, manifest.json
     and metrics.json."""
@@ -108,12 +124,13 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
 
     metric_stats = stats.filter(pc.equal(stats["metric"], metric))
     totals = {
-        "n_parameters": meta["n_parameters"], "n_weights": meta["n_weights"],
+        "n_tensors": meta["n_parameters"], "n_weights": meta["n_weights"],
         "n_texts": meta["n_sequences"], "n_tokens": meta["n_tokens"],
-        "avg_loss": meta["avg_loss"], "perplexity": meta["perplexity"],
+        "loss": meta["avg_loss"], "perplexity": meta["perplexity"],
     }
     write_json(reports / "sensitivity_stats.json", {
         "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,
+        "critical_set": critical_summary(ranked, metric_stats, rank_info["rank"]),
         "parameters": parameter_stats(stats), "concentration": concentration(ranked),
         "wanda_skipped": meta.get("wanda_skipped", {}),
         "experts": {"metric": metric, "layers": expert_importance(meta, stats, ranked, metric)},
@@ -132,13 +149,6 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
         "critical_weights_csv_sha256": hashlib.sha256(csv_text.encode()).hexdigest(),
         "versions": versions(),
     })
-    total_sum = sum(metric_stats["sum"].to_pylist())
-    scores = ranked["score"].to_numpy()
     write_json(reports / "metrics.json", {
-        **totals,
-        "n_critical": ranked.num_rows,
-        "max_score": float(pc.max(metric_stats["max"]).as_py()),
-        "mean_score": total_sum / max(1, sum(metric_stats["count"].to_pylist())),
-        "critical_min_score": float(scores.min()) if len(scores) else 0.0,
-        "critical_share_of_total": float(scores.astype("float64").sum() / total_sum) if total_sum else 0.0,
+        **totals, "n_critical": ranked.num_rows, "max_score": float(pc.max(metric_stats["max"]).as_py()),
     })

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pickle
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,13 @@ def load_model(source: ModelSource, params: ModelParams, device: torch.device, d
     model.eval()
     check_finite_weights(source.name, model)
     return model
+
+
+def check_vocabulary(name: str, model: torch.nn.Module, input_ids: Sequence[Sequence[int]]) -> None:
+    """Every token id fits the model's input embedding; else the texts were prepared for another model."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if max(max(s) for s in input_ids) >= vocab:
+        raise ModelError(f"model.name: the prepared token ids exceed {name}'s vocabulary of {vocab}; rerun prepare")
 
 
 def check_finite_weights(name: str, model: torch.nn.Module, chunk: int = 1 << 24) -> None:

@@ -74,19 +74,25 @@ class RankParams:
 class PlotParams:
     dpi: int = param(120, Integer(minimum=30, maximum=600))  # resolution of the PNG plots
     heatmap_stat: str = param("max", Choice(HEATMAP_STATS))  # block x component cell: max or mean score
+    # the tensor whose pooled grid the heatmap shows: top (highest max score) or a parameter name
+    heatmap_tensor: str = param("top", String())
 
 
 @dataclass(frozen=True)
 class ValidateParams:
     # bit_flip: sign | exponent_msb | an integer bit index (read first, so its problem is listed first)
     bit: str | int = param("exponent_msb", ChoiceOrIndex(BIT_NAMES, 32, "a bit index"))
-    perturbations: tuple[str, ...] = param(("zero", "bit_flip"), Choices(PERTURBATIONS))  # applied to the critical weights
+    perturbations: tuple[str, ...] = param(("zero",), Choices(PERTURBATIONS))  # applied to the critical weights
     controls: tuple[str, ...] = param(("random_k", "bottom_k"), Choices(CONTROLS))  # same count, other weights
     k_values: tuple[int, ...] = param((1, 10, 100), Integers(minimum=1))  # damage curve over the global ranking
+    random_draws: int = param(3, Integer(minimum=1))  # independent random_k draws per critical set: mean and spread
+    exported: bool = param(True, Boolean())  # also perturb the exported set (rank.mode, rank.k)
+    # weights zeroed one at a time for the metric-predictiveness table; 0 = none
+    single_weights: int = param(8, Integer(minimum=0))
     noise_sigma: float = param(1.0, Number(0.0, 1e6))  # gauss_noise: sigma as a multiple of |w|
-    n_texts: int = param(16, Integer(minimum=0))  # prepared texts measured, drawn with `seed`; 0 = all of them
-    # held-out texts (source texts prepare did not choose), as a share of n_texts; 0 = none
-    holdout: float = param(0.0, Number(0.0, 1.0))
+    n_texts: int = param(16, Integer(minimum=0))  # prepared (in-sample) texts measured, drawn with `seed`; 0 = all
+    # held-out texts (source texts prepare did not choose), as a share of n_texts; 0 = in-sample only
+    holdout: float = param(1.0, Number(0.0, 1.0))
 
 
 @dataclass(frozen=True)

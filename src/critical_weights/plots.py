@@ -6,6 +6,7 @@ saves them. All data come from the exact statistics in the shards, never from a 
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from critical_weights import shards  # noqa: E402
-from critical_weights import moe  # noqa: E402
+from critical_weights import moe, shards  # noqa: E402
+from critical_weights.errors import ParamsError  # noqa: E402
 from critical_weights.moe import expert_importance  # noqa: E402
 from critical_weights.outputs import atomic_path, write_text  # noqa: E402
 from critical_weights.params import PlotParams  # noqa: E402
@@ -39,19 +40,25 @@ def histogram(stats: pa.Table) -> tuple[np.ndarray, int, int]:
 
 
 def distribution_figure(edges: np.ndarray, counts: np.ndarray, zeros: int, negatives: int,
-                        threshold: float | None, metric: str, label: str) -> Figure:
-    """Exact histogram of every score on a log10 axis, with the critical threshold marked."""
+                        cutoffs: np.ndarray, metric: str, mode: str, k: int) -> Figure:
+    """Exact histogram of every score on a log10 axis, with the critical cut-off: one line in
+    global mode, else a tick for each group's own cut-off (its k-th score)."""
     fig, ax = plt.subplots(figsize=(9, 4.8))
     used = np.flatnonzero(counts)
     lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(counts))
     ax.stairs(counts[lo:hi], edges[lo : hi + 1], fill=True, alpha=0.75, color="tab:blue", label="weights per bin")
     ax.set_yscale("log")
     ax.set_xlabel(f"log10({metric} score)")
-    ax.set_ylabel("number of weights")
+    ax.set_ylabel("number of weights (log scale)")
     total = int(counts.sum()) + zeros + negatives
     ax.set_title(f"Distribution of all {total:,} {metric} scores (exact histogram)")
-    if threshold is not None and threshold > 0:
-        ax.axvline(np.log10(threshold), color="tab:red", linestyle="--", label=f"{label}: {threshold:.3g}")
+    positive = cutoffs[cutoffs > 0]
+    if mode == "global" and positive.size:
+        ax.axvline(np.log10(positive.min()), color="tab:red", linestyle="--",
+                   label=f"global top-{k} cut-off: {positive.min():.3g}")
+    elif positive.size:
+        ax.plot(np.log10(positive), np.zeros_like(positive), "|", color="tab:red", markersize=14,
+                transform=ax.get_xaxis_transform(), label=f"cut-off of each of {positive.size} groups ({mode} top-{k})")
     notes = [f"zero scores: {zeros:,}"] + ([f"negative scores: {negatives:,}"] if negatives else [])
     ax.text(0.01, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=9)
     ax.legend(loc="upper right")
@@ -103,8 +110,15 @@ def layer_comparison_figure(rows: list[dict], metric: str) -> Figure:
     return fig
 
 
-def heatmap_figure(rows: list[dict], stat: str, metric: str, grid: np.ndarray, grid_name: str) -> Figure:
-    """Left: block x component heatmap of log10 score. Right: the pooled grid of the top tensor."""
+def grid_edges(n: int, cells: int) -> np.ndarray:
+    """Real index edges of the pooled cells: index i falls in cell i * cells // n (as scoring
+    pools), so cell j covers [ceil(j n / cells), ceil((j + 1) n / cells))."""
+    return -(-np.arange(cells + 1) * n // cells)
+
+
+def heatmap_figure(rows: list[dict], stat: str, metric: str, tensor: dict) -> Figure:
+    """Left: block x component heatmap of log10 score. Right: one tensor's max-pooled grid,
+    drawn in its real row and column coordinates."""
     comps = _components(rows)
     blocks = sorted({r["block"] for r in rows if r["block"] is not None})
     cell = np.full((len(blocks), len(comps)), np.nan)
@@ -117,16 +131,21 @@ def heatmap_figure(rows: list[dict], stat: str, metric: str, grid: np.ndarray, g
     ax.set_xticks(range(len(comps)), comps, rotation=45, ha="right")
     step = max(1, len(blocks) // 16)
     ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    ax.set_xlabel("component")
     ax.set_ylabel("transformer block")
     ax.set_title(f"log10 {stat} {metric} per block and component")
     fig.colorbar(im, ax=ax, label=f"log10 {stat} score")
+    grid = np.array(tensor["grid"], dtype=np.float64).reshape(tensor["grid_rows"], tensor["grid_cols"])
     with np.errstate(divide="ignore"):
         shown = np.where(grid > 0, np.log10(np.where(grid > 0, grid, 1)), np.nan)
-    im2 = ax2.imshow(shown, aspect="auto", cmap="magma", interpolation="nearest")
-    ax2.set_title(f"{grid_name}\nmax-pooled {grid.shape[0]}x{grid.shape[1]} grid (rows x cols)", fontsize=10)
-    ax2.set_xlabel("input column (pooled)")
-    ax2.set_ylabel("output row (pooled)")
-    fig.colorbar(im2, ax=ax2, label="log10 max score")
+    rows_e, cols_e = grid_edges(tensor["n_rows"], tensor["grid_rows"]), grid_edges(tensor["n_cols"], tensor["grid_cols"])
+    im2 = ax2.pcolormesh(cols_e, rows_e, shown, cmap="magma", shading="flat")
+    ax2.set_xlim(0, tensor["n_cols"])
+    ax2.set_ylim(tensor["n_rows"], 0)  # row 0 at the top, as a matrix is read
+    ax2.set_title(f"{tensor['parameter']}\nmax over cells of about {rows_e[1]}x{cols_e[1]} weights", fontsize=10)
+    ax2.set_xlabel("input column (col)")
+    ax2.set_ylabel("output row (row)")
+    fig.colorbar(im2, ax=ax2, label=f"log10 max {metric} score in the cell")
     fig.tight_layout()
     return fig
 
@@ -172,33 +191,71 @@ def write_experts(out: Path, layers: list[dict], metric: str, dpi: int) -> None:
             plt.close(fig)
 
 
+def heatmap_tensor(stats: pa.Table, name: str) -> dict:
+    """The stats row of the tensor `plot.heatmap_tensor` names (`top`: highest max score)."""
+    table = stats.to_pylist()
+    if name == "top":
+        return max(table, key=lambda r: (r["max"], -r["param_index"]))
+    for r in table:
+        if r["parameter"] == name:
+            return r
+    close = difflib.get_close_matches(name, [r["parameter"] for r in table], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ParamsError([f"plot.heatmap_tensor: {name!r} is not a scored parameter{hint}; use top or a parameter "
+                       "name from critical_weights.csv"])
+
+
 def overlap_figure(overlap: dict) -> Figure:
-    """Jaccard index of the critical sets for every pair of metrics, Spearman in each cell."""
-    metrics = overlap["metrics"]
-    n = len(metrics)
-    jac = np.eye(n)
-    labels = [["1" for _ in metrics] for _ in metrics]
-    for i, a in enumerate(metrics):
-        for j, b in enumerate(metrics):
-            pair = overlap["pairs"].get(f"{a} vs {b}")
-            if pair is None:
-                continue
-            jac[i, j] = jac[j, i] = pair["jaccard"]
-            rho = "n/a" if pair["spearman"] is None else f"{pair['spearman']:.2f}"
-            labels[i][j] = labels[j][i] = f"J {pair['jaccard']:.2f}\nρ {rho}"
-    fig, ax = plt.subplots(figsize=(1.6 * n + 3, 1.3 * n + 2))
-    im = ax.imshow(jac, vmin=0, vmax=1, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9,
-                    color="white" if jac[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), metrics, rotation=30, ha="right")
-    ax.set_yticks(range(n), metrics)
-    rank = overlap["rank"]
-    ax.set_title(f"Agreement of critical sets ({rank['mode']}, k={rank['k']})\nJaccard index; ρ = Spearman of shared ranks")
-    fig.colorbar(im, ax=ax, label="Jaccard index")
+    """How far the critical sets of every pair of metrics agree. Left (3 or more metrics): the
+    overall Jaccard index of each pair. Right: per pair, the Jaccard index of each tensor's
+    critical sets (one dot per tensor), with the overall index as a diamond and the Spearman
+    correlation of shared ranks in the label, so two metrics show where they agree, not one number."""
+    metrics, pairs, rank = overlap["metrics"], overlap["pairs"], overlap["rank"]
+    names = list(pairs)
+    matrix = len(metrics) >= 3
+    fig, axes = plt.subplots(1, 2 if matrix else 1, figsize=(12 if matrix else 8, max(3.5, 0.45 * len(names) + 2)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 1.4]} if matrix else None)
+    if matrix:
+        ax = axes[0][0]
+        jac = np.full((len(metrics), len(metrics)), np.nan)
+        for i, a in enumerate(metrics):
+            for j, b in enumerate(metrics):
+                pair = pairs.get(f"{a} vs {b}") or pairs.get(f"{b} vs {a}")
+                if i > j and pair is not None:
+                    jac[i, j] = pair["jaccard"]
+                    ax.text(j, i, f"{pair['jaccard']:.2f}", ha="center", va="center", fontsize=8)
+        im = ax.imshow(jac, vmin=0, vmax=1, cmap="Blues")
+        ax.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right")
+        ax.set_yticks(range(len(metrics)), metrics)
+        ax.set_title("overall Jaccard index of the critical sets", fontsize=10)
+        fig.colorbar(im, ax=ax, label="Jaccard index")
+    ax = axes[0][-1]
+    rng = np.random.default_rng(0)  # jitter only, fixed: the figure is deterministic
+    for y, name in enumerate(names):
+        per = [t["jaccard"] for t in pairs[name]["per_tensor"].values()]
+        ax.scatter(per, y + rng.uniform(-0.25, 0.25, len(per)), s=8, alpha=0.5, color="tab:blue",
+                   label="one tensor" if y == 0 else None)
+        ax.scatter([pairs[name]["jaccard"]], [y], marker="D", s=60, color="tab:red", label="overall" if y == 0 else None)
+    rho = [pairs[n]["spearman"] for n in names]
+    ax.set_yticks(range(len(names)), [f"{n}\n(ρ {'n/a' if r is None else f'{r:.2f}'})" for n, r in zip(names, rho)], fontsize=8)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel("Jaccard index of the critical sets (1 = the same weights)")
+    ax.set_ylabel("pair of metrics (ρ = Spearman of shared ranks)")
+    ax.set_title(f"Agreement per tensor ({rank['mode']}, k={rank['k']})", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    if names:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.set_title(f"Only one metric ({', '.join(metrics)}): no pair to compare", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
+    """PNG with no software tag or timestamp, written atomically; the figure is closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, metadata={"Software": None}, format="png")
+    plt.close(fig)
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -217,22 +274,20 @@ def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path,
     stats = stats.filter(pc.equal(stats["metric"], metric))
     edges = _edges(meta)
     counts, zeros, negatives = histogram(stats)
-    threshold = float(pc.min(ranked["score"]).as_py()) if ranked.num_rows else None
-    label = "global top-k threshold" if mode == "global" else f"lowest critical score ({mode} top-{info['rank']['k']})"
+    cutoffs = ranked.group_by("group").aggregate([("score", "min")])["score_min"].to_numpy() \
+        if ranked.num_rows else np.empty(0)  # (groups,) each group's k-th score
     rows = layer_table(stats)
-    top = max(stats.to_pylist(), key=lambda r: (r["max"], -r["param_index"]))
-    grid = np.array(top["grid"], dtype=np.float32).reshape(top["grid_rows"], top["grid_cols"])
     figures = {
-        "sensitivity_distribution.png": distribution_figure(edges, counts, zeros, negatives, threshold, metric, label),
+        "sensitivity_distribution.png": distribution_figure(edges, counts, zeros, negatives, cutoffs.astype(np.float64),
+                                                            metric, mode, info["rank"]["k"]),
         "layer_comparison.png": layer_comparison_figure(rows, metric),
-        "sensitivity_heatmap.png": heatmap_figure(rows, params.heatmap_stat, metric, grid, top["parameter"]),
+        "sensitivity_heatmap.png": heatmap_figure(rows, params.heatmap_stat, metric,
+                                                  heatmap_tensor(stats, params.heatmap_tensor)),
         "metric_overlap.png": overlap_figure(json.loads(overlap_file.read_text(encoding="utf-8"))),
     }
     centers = (edges[:-1] + edges[1:]) / 2
     for name, fig in figures.items():
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, dpi=params.dpi, metadata={"Software": None}, format="png")
-        plt.close(fig)
+        save_png(fig, out / name, params.dpi)
     write_text(out / "layer_comparison.csv", layer_comparison_csv(rows, metric))
     write_experts(out / "experts", expert_importance(meta, stats, ranked, metric), metric, params.dpi)
     write_text(out / "score_histogram.csv",

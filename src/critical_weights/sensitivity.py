@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from critical_weights import distributed, layout, models, scoring, shards, texts
-from critical_weights.errors import ModelError, out_of_memory
+from critical_weights.errors import out_of_memory
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
 from critical_weights.progress import Timings, progress
@@ -42,9 +42,7 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
         model = models.load_model(source, p_model, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(prepared / texts.TOKENIZER_DIR)
         identity = models.identity(source, model, device)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if max(max(s) for s in input_ids) >= vocab:
-        raise ModelError(f"model.name: the prepared token ids exceed {source.name}'s vocabulary of {vocab}; rerun prepare")
+    models.check_vocabulary(source.name, model, input_ids)
     extra = {"model": identity, "text_sha256": prep_meta.get("text_sha256"), "prepare": prep_meta}
     compute_shards(model, tokenizer, input_ids, params, out, timings, extra)
 

@@ -26,13 +26,16 @@ import numpy as np
 import torch
 
 from critical_weights import models, shards, texts, weight_ranks
+from critical_weights.damage import TextSets
 from critical_weights.errors import NumericalError, ShardError
+from critical_weights.evaluation import load_checked, mean_loss
 from critical_weights.outputs import write_json, write_text
 from critical_weights.params import Params, SuperweightsParams, ValidateParams
 from critical_weights.perturbation import digest, flat_view, perturbed
 from critical_weights.progress import Timings
+from critical_weights.plots import save_png
 from critical_weights.projections import Projection, output_projections, watch
-from critical_weights.validation import Plan, TextSets, choose_texts, group, load_checked, mean_loss, save_png
+from critical_weights.selection import STREAM_TEXTS, Plan, SetGroup, group
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +217,17 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         tokenizer = AutoTokenizer.from_pretrained(prepared / texts.TOKENIZER_DIR)
         prompt = prompt_ids(tokenizer, sp.prompt)
         input_ids, _ = texts.read_prepared(prepared)
-        measured = [input_ids[i] for i in choose_texts(len(input_ids), sp.n_texts, params.seed)]
+        measured = [input_ids[i] for i in texts.choose(len(input_ids), sp.n_texts or len(input_ids), params.seed,
+                                                      STREAM_TEXTS, "superweights.n_texts", "prepare kept {n} texts")]
         detect = [prompt] if sp.detect_on == "prompt" else measured
         stats = shards.read_stats(sensitivity)
         sizes = {n: math.prod(s) for n, s in zip(stats["parameter"].to_pylist(), stats["shape"].to_pylist())}
         head = top.slice(0, sp.max_candidates)
         the_plan = Plan({n: sizes[n] for n in dict.fromkeys(head["parameter"].to_pylist())},
-                        {0: {"critical": group(head["parameter"].to_pylist(), head["flat_index"].to_numpy(), list(sizes))}},
+                        {"candidates": SetGroup(group(head["parameter"].to_pylist(), head["flat_index"].to_numpy(), list(sizes)))},
                         head.select(["parameter", "flat_index", "weight"]))
     with timings.phase("load model"):
-        model, device = load_checked(params, the_plan, max(max(s) for s in input_ids + [prompt]))
+        model, device = load_checked(params, the_plan, input_ids + [prompt])
         projections, skipped = output_projections(model)
     with timings.phase("detect"):
         candidates, records, hidden = search(model, projections, detect, sp)
@@ -240,8 +244,9 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         top_pairs = list(zip(top["parameter"].to_pylist(), top["flat_index"].to_pylist()))
         check = rep.top_k_check(top.slice(0, sp.top_k), projections, records, sp.threshold, params.rank.metric)
     with timings.phase("measure"):
-        sets = TextSets(measured, None, params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
-        baseline = mean_loss(model, sets.measured, sets.micro_batch_size, sets.batch_tokens)
+        sets = TextSets(measured, [], "superweights measures in-sample", params.sensitivity.micro_batch_size,
+                        params.sensitivity.batch_tokens)
+        baseline = mean_loss(model, sets.in_sample, sets.micro_batch_size, sets.batch_tokens)
         if not math.isfinite(baseline):
             raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
         weights = dict(model.named_parameters())

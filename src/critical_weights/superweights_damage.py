@@ -1,6 +1,6 @@
 """Is a super-weight candidate critical? Zero it and measure the loss, as `validate` does.
 
-Every loss is validation.mean_loss (L, the mean next-token cross-entropy over every predicted
+Every loss is evaluation.mean_loss (L, the mean next-token cross-entropy over every predicted
 token) on the same prepared texts, and every weight is restored bit-exactly after each
 measurement (perturbation.perturbed). Conditions:
 - `alone`: each candidate zeroed on its own;
@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from critical_weights.damage import TextSets, loss_record
+from critical_weights.evaluation import mean_loss
 from critical_weights.params import ValidateParams
 from critical_weights.perturbation import Selection, digest, perturbed
 from critical_weights.projections import Projection, watch
+from critical_weights.selection import random_selection
 from critical_weights.superweights import Candidate
-from critical_weights.validation import TextSets, loss_record, mean_loss, random_selection
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,10 @@ class Meter:
         rng = np.random.default_rng(0)  # unused by `zero`
         with perturbed(self.weights, selection, "zero", ValidateParams(), rng, self.before) as n_changed:
             if hook is None:
-                loss = mean_loss(self.model, self.sets.measured, self.sets.micro_batch_size, self.sets.batch_tokens)
+                loss = mean_loss(self.model, self.sets.in_sample, self.sets.micro_batch_size, self.sets.batch_tokens)
             else:
                 with watch(self.model, *hook):
-                    loss = mean_loss(self.model, self.sets.measured, 1)  # one sequence per pass
+                    loss = mean_loss(self.model, self.sets.in_sample, 1)  # one sequence per pass
         log.info("%s: loss %.4f (baseline %.4f)", label, loss, self.baseline)
         return {**loss_record(loss, self.baseline), "n_weights": int(sum(len(v) for v in selection.values())),
                 "n_changed": n_changed}

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from critical_weights.damage import loss_record
 from critical_weights.params import Params
 from critical_weights.projections import Projection
 from critical_weights.superweights import Candidate, ProjectionRecord, Spike
-from critical_weights.validation import loss_record
 
 if TYPE_CHECKING:
     import torch

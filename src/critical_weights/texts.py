@@ -98,16 +98,19 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def choose(n_available: int, n_texts: int, seed: int) -> list[int]:
+def choose(n_available: int, n_texts: int, seed: int, stream: int | None = None,
+           key: str = "texts.n_texts", what: str = "the source holds {n} texts") -> list[int]:
     """Indices of `n_texts` texts drawn without replacement by `seed`, ascending.
 
-    When the source holds fewer texts than asked for, all are used and a warning says so.
+    `stream` gives an independent draw from the same seed (np.random.default_rng([seed,
+    stream])), for choices other than prepare's. When fewer texts are available than asked
+    for, all are used and a warning names `key`.
     """
     if n_texts >= n_available:
         if n_texts > n_available:
-            log.warning("texts.n_texts is %d but the source holds %d texts; using all %d", n_texts, n_available, n_available)
+            log.warning("%s is %d but %s; using all %d", key, n_texts, what.format(n=n_available), n_available)
         return list(range(n_available))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if stream is None else [seed, stream])
     return sorted(int(i) for i in rng.choice(n_available, size=n_texts, replace=False))
 
 
@@ -187,6 +190,41 @@ def read_prepared(folder: Path) -> tuple[list[list[int]], dict[str, str]]:
         raise TextsError(f"prepared texts {path} hold no input_ids; rerun the prepare stage")
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return table.column("input_ids").to_pylist(), meta
+
+
+def read_prepared_index(folder: Path) -> list[int]:
+    """Positions in the source of the texts `prepare` chose."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / PREPARED_FILE
+    try:
+        return pq.read_table(path, columns=["text_index"]).column("text_index").to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise TextsError(f"prepared texts {path} are missing or lack text_index ({first_line(err)}); rerun dvc repro") from None
+
+
+def unchosen_ids(source: Path, prepared: Path, n: int, max_length: int, seed: int, stream: int) -> tuple[list[list[int]], str | None]:
+    """Token ids of up to `n` source texts that `prepare` did not choose (held out from the
+    gradients), drawn by (`seed`, `stream`), tokenised with the prepared tokenizer and
+    truncated at `max_length` as `prepare` does; texts under 2 tokens are dropped.
+
+    Returns the ids and, when none could be had, the reason (the caller says it)."""
+    from transformers import AutoTokenizer
+
+    all_texts = read_texts(source)
+    n_seen = read_prepared_meta(prepared).get("n_available")
+    if n_seen is not None and int(n_seen) != len(all_texts):
+        raise TextsError(f"texts.source: {source} now holds {len(all_texts)} texts, but prepare saw {n_seen}; rerun dvc repro")
+    unchosen = sorted(set(range(len(all_texts))) - set(read_prepared_index(prepared)))
+    if not unchosen:
+        return [], f"prepare chose every text of {source}, so none is left to hold out (lower texts.n_texts)"
+    drawn = choose(len(unchosen), n, seed, stream, "validate.n_texts x validate.holdout",
+                   "only {n} source texts are held out from prepare")
+    pick = [unchosen[i] for i in drawn]
+    tokenizer = AutoTokenizer.from_pretrained(prepared / TOKENIZER_DIR)
+    ids = [s for s in (tokenizer(all_texts[i])["input_ids"][:max_length] for i in pick) if len(s) >= 2]
+    return ids, (None if ids else "every held-out text is shorter than 2 tokens")
 
 
 def read_prepared_meta(folder: Path) -> dict[str, str]:
