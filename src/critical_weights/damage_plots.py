@@ -86,7 +86,7 @@ def _panel(ax: Any, by_set: dict[str, Any], report: dict[str, Any]) -> None:
                 f"{'NaN' if crit is None else f'{crit:+.4g}'} nats")
         if rnd.get("mean_increase") is not None:
             text += f"\nrandom_k, same counts: {rnd['mean_increase']:+.3g} ± {rnd['std_increase'] or 0:.2g} nats"
-        ax.text(0.99, 0.02, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+        ax.text(0.99, 0.5, text, transform=ax.transAxes, ha="right", va="center", fontsize=7,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
 
 
