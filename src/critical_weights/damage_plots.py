@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from critical_weights.selection import EXPORTED  # noqa: E402
 
@@ -135,6 +136,7 @@ def _scatter_panel(ax: Any, single: dict[str, Any], metric: str, floor: float) -
     ax.scatter(x, y, s=18, color="tab:purple")
     if len(x) and (x > 0).all():
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow span would print overlapping minor labels
     ax.set_yscale("symlog", linthresh=floor)
     rho = single["metrics"][metric]["spearman"]
     ax.set_title(f"{metric}: Spearman {'n/a' if rho is None else f'{rho:.2f}'} (n={len(pts)})", fontsize=10)
