@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from critical_weights import offline_plots
 from test_pipeline_e2e import _run, _set_params, repo  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,7 @@ def test_the_readme_compare_recipe_works_without_a_remote(repo: Path) -> None:
     assert "seed" in header and "loss" in header and "rank.k" not in header, header
     diff = _run(["dvc", "exp", "diff", "s1", "s2", "--md"], repo).stdout
     assert "seed" in diff and "baseline_loss" in diff
+    (repo / ".dvc" / "tmp" / "offline_plots.html").write_text(offline_plots.template(offline_plots.bundle()))  # as setup.sh does
     _run(["dvc", "plots", "diff", "s1", "s2", "-o", "plots_page"], repo)
     assert (repo / "plots_page" / "index.html").is_file()
     for name in ("s1", "s2"):
