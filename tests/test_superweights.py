@@ -278,7 +278,8 @@ def run_stage(folder: Path, model_dir: Path, **superweights) -> tuple[object, Pa
     write_params_file(folder / "params.yaml", params)
     out = folder / "reports"
     result = invoke("superweights", "--params", folder / "params.yaml", "--prepared", prepared, "--sensitivity", sens,
-                    "--report", out / "superweights.json", "--plot", out / "sw.png", "--table", out / "sw.csv")
+                    "--report", out / "superweights.json", "--metrics", out / "headline.json",
+                    "--plot", out / "sw.png", "--table", out / "sw.csv")
     return result, out
 
 
@@ -303,6 +304,19 @@ def test_stage_on_a_dense_model_with_a_planted_super_weight(tmp_path, vocab, det
     assert [t["n"] for t in controls["top_n"]] == [1] and controls["random"]["n_weights"] == 1
     assert controls["all_candidates"]["loss"] == c["zeroed"]["loss"]
     assert len(report["massive_activations"]) == 3 and report["massive_activations"][0]["top"][0]["token"]
+    headline = json.loads((out / "headline.json").read_text())  # the DVC metrics: flat, from the report
+    assert headline == {
+        "n_candidates": 1, "search_exhausted": True, "baseline_loss": base,
+        "strongest": f"model.layers.0.mlp.down_proj.weight ({ROW}, {COL})",
+        "strongest_zeroed_loss_increase": c["zeroed"]["loss_increase"],
+        "strongest_restored_loss_increase": c["restored"]["loss_increase"],
+        "strongest_rank_grad_x_weight": c["ranks"]["grad_x_weight"]["rank_global"],
+        "all_candidates_zeroed_loss_increase": controls["all_candidates"]["loss_increase"],
+        "top1_grad_x_weight_zeroed_loss_increase": controls["top_n"][0]["loss_increase"],
+        "random1_zeroed_loss_increase": controls["random"]["loss_increase"],
+        "max_massive_activation": max(t["abs"] for layer in report["massive_activations"] for t in layer["top"]),
+    }
+    assert all(not isinstance(v, (dict, list)) for v in headline.values())
     rows = (out / "sw.csv").read_text().splitlines()
     assert rows[0].startswith("block,mlp_input_max_abs") and len(rows) == 3
     assert (out / "sw.png").read_bytes()[:8] == PNG

@@ -197,9 +197,10 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_path: Path, plot_path: Path,
-                     table_path: Path, timings: Timings) -> dict[str, Any]:
+                     table_path: Path, timings: Timings, metrics_path: Path | None = None) -> dict[str, Any]:
     """Detect the candidates and the massive activations, rank them against the gradients,
-    zero them and the controls, and write the JSON report, the per-block CSV and the PNG."""
+    zero them and the controls, and write the JSON report, the per-block CSV and the PNG
+    (and, with `metrics_path`, the short headline that DVC shows as metrics)."""
     from transformers import AutoTokenizer
 
     from critical_weights import superweights_report as rep
@@ -259,6 +260,8 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
     rows = rep.block_rows(records, massive)
     with timings.phase("write"):
         write_json(report_path, report)
+        if metrics_path is not None:
+            write_json(metrics_path, rep.headline(report))
         write_text(table_path, rep.blocks_csv(rows, sp.threshold))
         save_png(rep.figure(report, rows), plot_path)
     return report

@@ -190,3 +190,31 @@ def build_report(params: Params, model: torch.nn.Module, device: torch.device, d
         "baseline": {**base, "n_texts": len(measured), "n_tokens": sum(len(s) - 1 for s in measured)},
         "controls": {k: v for k, v in dmg.items() if k not in ("alone", "restored")},
     }
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """superweights.json, the DVC metrics: a few flat, named numbers (the full report is beside it).
+
+    `strongest` is the candidate whose zeroing raises the loss most (a non-finite loss counts
+    as the most); the loss increases are over the unperturbed loss on the same texts."""
+    found = report["candidates"]
+    out: dict[str, Any] = {"n_candidates": len(found), "search_exhausted": report["search_exhausted"],
+                           "baseline_loss": report["baseline"]["loss"]}
+    if found:
+        metric = report["settings"]["rank_metric"]
+        worst = max(found, key=lambda c: c["zeroed"]["loss_increase"] if c["zeroed"]["finite"] else float("inf"))
+        where = f"{worst['parameter']} ({worst['row']}, {worst['col']})"
+        controls = report["controls"]
+        out.update({
+            "strongest": where if worst["expert"] is None else f"{where} expert {worst['expert']}",
+            "strongest_zeroed_loss_increase": worst["zeroed"]["loss_increase"],
+            "strongest_restored_loss_increase": worst["restored"]["loss_increase"],
+            f"strongest_rank_{metric}": worst["ranks"].get(metric, {}).get("rank_global"),
+            "all_candidates_zeroed_loss_increase": controls["all_candidates"]["loss_increase"],
+            f"top{len(found)}_{metric}_zeroed_loss_increase": controls["top_n"][-1]["loss_increase"],
+            f"random{len(found)}_zeroed_loss_increase": controls["random"]["loss_increase"],
+        })
+    tops = [t["abs"] for layer in report["massive_activations"] for t in layer["top"]]
+    out["max_massive_activation"] = max(tops) if tops else None
+    return out
+
