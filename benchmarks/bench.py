@@ -59,6 +59,7 @@ from workload import (  # noqa: E402
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--micro-batch-size", type=click.IntRange(min=1), help="Sequences per forward+backward [default: 4 for llama-3.1-8b, else 8].")
 @click.option("--batch-tokens", type=click.IntRange(min=0), default=0, show_default=True, help="sensitivity.batch_tokens.")
+@click.option("--checkpointing", is_flag=True, help="sensitivity.checkpointing (off here: the GPU targets are throughput).")
 @click.option("--metrics", default="grad_x_weight,magnitude", show_default=True, help="sensitivity.metrics, comma-separated; the first is ranked.")
 @click.option("--keep", type=click.IntRange(min=1), default=1000, show_default=True, help="sensitivity.keep.")
 @click.option("--k", type=click.IntRange(min=1), default=100, show_default=True, help="rank.k.")
@@ -69,7 +70,7 @@ from workload import (  # noqa: E402
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the outputs here (default: a temporary folder, removed).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the record as JSON here.")
 def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size: int | None, batch_tokens: int,
-         metrics: str, keep: int, k: int, seed: int, warmup: int, chain: bool, shards_only: bool, work_dir: Path | None,
+         checkpointing: bool, metrics: str, keep: int, k: int, seed: int, warmup: int, chain: bool, shards_only: bool, work_dir: Path | None,
          json_file: Path | None) -> None:
     from critical_weights.errors import reported
     from critical_weights.progress import setup_logging
@@ -87,7 +88,7 @@ def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size
     counts, active = matrix_counts(meta_model), active_weights(meta_model)
     vocab = SIZES[size]["vocab_size"]
     ids = random_ids(n_seq, seq_len, vocab, seed)
-    raw = bench_params(n_seq, seq_len, micro, batch_tokens, keep, k, metric_list, seed, device_name)
+    raw = bench_params(n_seq, seq_len, micro, batch_tokens, keep, k, metric_list, seed, device_name, checkpointing)
     record: dict[str, Any] = {
         "mode": "chain" if chain else "shards-only" if shards_only else "in-process",
         "command": portable_command(["python", "benchmarks/bench.py", *sys.argv[1:]]),
@@ -98,7 +99,7 @@ def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size
         "dtype": str(dtype).removeprefix("torch."),
         "n_matrices": counts[0], "n_weights": counts[1], "n_weights_but_embedding": counts[2],
         "n_seq": n_seq, "seq_len": seq_len, "tokens": n_seq * seq_len, "micro_batch_size": micro,
-        "batch_tokens": batch_tokens, "metrics": list(metric_list), "keep": keep, "k": k,
+        "batch_tokens": batch_tokens, "checkpointing": checkpointing, "metrics": list(metric_list), "keep": keep, "k": k,
         "n_active_weights_but_embedding": active,  # MoE: only the routed share of the experts
         "train_flop": 6 * active * n_seq * seq_len,
     }

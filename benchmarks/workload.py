@@ -131,14 +131,15 @@ def write_prepared(folder: Path, ids: list[list[int]], tokenizer: Any, seed: int
 
 
 def bench_params(n_seq: int, seq_len: int, micro_batch: int, batch_tokens: int, keep: int, k: int,
-                 metrics: tuple[str, ...], seed: int, device: str, model_name: str = "random", texts_source: str = "") -> dict:
+                 metrics: tuple[str, ...], seed: int, device: str, checkpointing: bool = False, model_name: str = "random",
+                 texts_source: str = "") -> dict:
     """A params.yaml as a dict; parse_params validates it like the stages do."""
     return {
         "seed": seed,
         "texts": {"source": texts_source or "data/texts/corpus.jsonl", "n_texts": n_seq, "max_length": seq_len},
         "model": {"name": model_name, "dtype": "auto", "device": device},
         "sensitivity": {"metrics": list(metrics), "micro_batch_size": micro_batch, "batch_tokens": batch_tokens,
-                        "keep": keep},
+                        "keep": keep, "checkpointing": checkpointing},
         "rank": {"metric": metrics[0], "mode": "per_layer", "k": k},
         "validate": {"k_values": sorted({1, min(k, keep), keep})},
     }

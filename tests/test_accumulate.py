@@ -157,7 +157,7 @@ def test_micro_batching_never_changes_the_loss_or_gradient(tiny_model, tiny_ids)
 
 
 def test_chunked_cross_entropy_gives_the_same_gradient(tiny_model, tiny_ids, monkeypatch):
-    """Past the logits budget the head runs in recomputed chunks; the result is unchanged."""
+    """Past the logits budget the head runs in chunks, each with its own backward; the result is unchanged."""
     params = scored_parameters(tiny_model, "weights")
     whole = accumulate(tiny_model, tiny_ids, params, ["grad_x_weight", "wanda"], micro_batch_size=8)[0]
     monkeypatch.setattr(loss, "LOGITS_BUDGET_BYTES", 4 * 96 * 5)  # 5 positions per chunk
@@ -199,6 +199,20 @@ def test_fisher_is_the_mean_of_per_sequence_squared_gradients(tiny_model, tiny_i
     assert_grads_close(acc.fisher, reference_fisher(tiny_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
     # the per-sequence pass still yields the exact dL/dW
     assert_grads_close(acc.grad, reference_grads(tiny_model, tiny_ids, params))
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 96 * 5])  # the whole head at once, or 5 positions per chunk
+def test_fisher_of_a_tied_head_squares_the_whole_gradient(tiny_tied_model, tiny_ids, monkeypatch, budget):
+    """The tied embedding gets its per-sequence gradient in pieces (head chunks, then the base
+    model); fisher must square their sum, not add the squares of the pieces."""
+    if budget is not None:
+        monkeypatch.setattr(loss, "LOGITS_BUDGET_BYTES", budget)
+    params = scored_parameters(tiny_tied_model, "weights")
+    acc, _ = accumulate(tiny_tied_model, tiny_ids, params, ["fisher"], micro_batch_size=1)
+    assert tiny_tied_model.lm_head.weight is params[0][1]
+    assert_grads_close(acc.fisher, reference_fisher(tiny_tied_model, tiny_ids, params), rtol=1e-4, atol=1e-9)
+    assert_grads_close(acc.grad, reference_grads(tiny_tied_model, tiny_ids, params))
+    assert all(p.grad is None for _, p in params)
 
 
 # ----------------------------------------------------------------------------- hutchinson
@@ -263,13 +277,13 @@ def test_hutchinson_with_fisher_keeps_its_micro_batches(tiny_eager_model, tiny_i
     params = _small(tiny_eager_model)
     alone = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson"], 3, hutchinson_probes=2, seed=5)[0]
     sizes = []
-    real = accumulate_module.token_loss_sum
+    real = accumulate_module.final_hidden
 
     def counted(model, ids, mask):
         sizes.append(ids.shape[0])
         return real(model, ids, mask)
 
-    monkeypatch.setattr(accumulate_module, "token_loss_sum", counted)
+    monkeypatch.setattr(accumulate_module, "final_hidden", counted)
     both = accumulate(tiny_eager_model, tiny_ids, params, ["hutchinson", "taylor2"], 3, hutchinson_probes=2, seed=5)[0]
     assert sizes == [3, 3] + [1] * len(tiny_ids)  # hutchinson pass at 3, then fisher per sequence
     assert_grads_close(both.hutchinson, alone.hutchinson, rtol=0, atol=0)  # the same batches, the same bits

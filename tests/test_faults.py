@@ -101,8 +101,8 @@ def test_infinite_gradient_stops_the_run_naming_the_parameter(tiny_model, tiny_i
 
 
 def test_nan_during_the_stage_leaves_the_earlier_shards(run, tmp_path, untouched, monkeypatch):
-    real = sens_lib.token_loss_sum
-    monkeypatch.setattr(sens_lib, "token_loss_sum", lambda *a: real(*a) * float("nan"))
+    real = sens_lib.final_hidden
+    monkeypatch.setattr(sens_lib, "final_hidden", lambda *a: real(*a) * float("nan"))
     assert_error(_sensitivity(run, run / "params.yaml"), "the loss of micro-batch 0 is nan; try model.dtype float32")
 
 
@@ -122,27 +122,28 @@ def _raise(exc: BaseException, real=None, after: int = 0):
 
 
 def test_out_of_memory_suggests_smaller_micro_batches(run, tmp_path, untouched, monkeypatch):
-    monkeypatch.setattr(sens_lib, "token_loss_sum", _raise(torch.OutOfMemoryError(
+    monkeypatch.setattr(sens_lib, "final_hidden", _raise(torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB")))
-    params = _params(run, tmp_path, sensitivity={"micro_batch_size": 4})
+    params = _params(run, tmp_path, sensitivity={"micro_batch_size": 4, "batch_tokens": 0, "checkpointing": False})
     assert_error(_sensitivity(run, params), (
-        "out of device memory in forward+backward (sensitivity.micro_batch_size 4, sensitivity.batch_tokens 0); "
-        "lower sensitivity.micro_batch_size (try 2) or set sensitivity.batch_tokens (try 48)"))
+        "out of device memory in forward+backward (sensitivity.micro_batch_size 4, sensitivity.batch_tokens 0, "
+        "sensitivity.checkpointing false); set sensitivity.checkpointing true, lower sensitivity.micro_batch_size "
+        "(try 2) or set sensitivity.batch_tokens (try 48)"))
 
 
 def test_out_of_memory_with_one_sequence_per_micro_batch(run, tmp_path, untouched, monkeypatch):
-    monkeypatch.setattr(sens_lib, "token_loss_sum", _raise(torch.OutOfMemoryError("CUDA out of memory.")))
+    monkeypatch.setattr(sens_lib, "final_hidden", _raise(torch.OutOfMemoryError("CUDA out of memory.")))
     params = _params(run, tmp_path, sensitivity={"micro_batch_size": 1})
     assert_error(_sensitivity(run, params), (
         "out of device memory in forward+backward even for one sequence of 24 tokens "
-        "(sensitivity.micro_batch_size 1, sensitivity.batch_tokens 0); lower texts.max_length, use model.dtype "
+        "(sensitivity.micro_batch_size 1, sensitivity.batch_tokens 256); lower texts.max_length, use model.dtype "
         "bfloat16, or spread the model with model.device_map auto"))
 
 
 @pytest.mark.parametrize("where", ["forward", "write"])
 def test_keyboard_interrupt_is_one_line_and_leaves_no_half_output(run, untouched, monkeypatch, where):
     if where == "forward":
-        monkeypatch.setattr(sens_lib, "token_loss_sum", _raise(KeyboardInterrupt()))
+        monkeypatch.setattr(sens_lib, "final_hidden", _raise(KeyboardInterrupt()))
     else:  # after some shards of the new output are already written
         monkeypatch.setattr(shards, "write_candidates", _raise(KeyboardInterrupt(), shards.write_candidates, after=3))
     assert_error(_sensitivity(run, run / "params.yaml"), "interrupted; no output was left half-written")

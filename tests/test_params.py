@@ -107,7 +107,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
      "seeed: unknown key (did you mean seed?); known keys here are model, plot, rank, seed, sensitivity, superweights, texts, validate"),
     ({"sensitivity": {"metric": ["fisher"]}},
      "sensitivity.metric: unknown key (did you mean sensitivity.metrics?); known keys here are batch_tokens, "
-     "dense, hutchinson_probes, keep, metrics, micro_batch_size, parameters"),
+     "checkpointing, dense, hutchinson_probes, keep, metrics, micro_batch_size, parameters"),
     ({"rank": {"k": 2000}}, "rank.k: 2000 exceeds sensitivity.keep 1000; raise sensitivity.keep so the ranking stays exact"),
     ({"sensitivity": {"metrics": ["magnitude"]}},
      "rank.metric: 'grad_x_weight' is not computed; sensitivity.metrics has magnitude"),

@@ -19,7 +19,7 @@ micro-batch (dL/dW and fisher from the same backward), or double backward per mi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,8 @@ from critical_weights import activations, distributed
 from critical_weights.batching import make_batches
 from critical_weights.errors import ModelError, NumericalError
 from critical_weights.layout import is_bias
-from critical_weights.loss import check_finite_loss, pad_batch, predicted_tokens, token_loss_sum
+from critical_weights.loss import (backward_in_two, check_finite_loss, final_hidden, head_loss_sum, head_parameters,
+                                   pad_batch, predicted_tokens)
 from critical_weights.metrics import accumulators_for
 from critical_weights.progress import progress
 
@@ -63,33 +64,41 @@ def scored_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, tor
 
 
 class _GradSink:
-    """Moves each parameter's gradient into float32 accumulators as soon as it is ready.
+    """Moves each parameter's gradient into float32 accumulators as soon as it is whole.
 
     A post-accumulate-grad hook adds `scale * grad` into `grad` (and `grad^2 / n_seq` into
     `fisher` when asked), then frees the parameter's own .grad, so low-precision gradients
-    never pile up across micro-batches.
+    never pile up across micro-batches. A `deferred` parameter (`loss.head_parameters`) gets
+    its gradient in pieces; they gather in its .grad until `flush`, as fisher squares the sum.
     """
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], with_fisher: bool, n_sequences: int):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], with_fisher: bool, n_sequences: int,
+                 deferred: set[int] = frozenset()):
         self.scale = 1.0
         self.grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
         self.fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params} if with_fisher else {}
         self.inv_n = 1.0 / n_sequences
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in params]
+        self.later = [(n, p) for n, p in params if id(p) in deferred]
+        self.handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: self._move(n, p))
+                        for n, p in params if id(p) not in deferred]
 
-    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad  # (shape of p), model dtype
-            self.grad[name].add_(g, alpha=self.scale)
-            if self.fisher:
-                self.fisher[name].addcmul_(g, g, value=self.inv_n)  # g_n^2 / n_sequences
-            p.grad = None
+    def _move(self, name: str, p: torch.Tensor) -> None:
+        g = p.grad  # (shape of p), model dtype
+        self.grad[name].add_(g, alpha=self.scale)
+        if self.fisher:
+            self.fisher[name].addcmul_(g, g, value=self.inv_n)  # g_n^2 / n_sequences
+        p.grad = None
 
-        return hook
+    def flush(self) -> None:
+        for name, p in self.later:
+            if p.grad is not None:
+                self._move(name, p)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for _, p in self.later:
+            p.grad = None
 
 
 def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -135,9 +144,9 @@ def accumulate(
     if "hutchinson" in needs:
         step: _Step = _DoubleBackward(params, n_tokens, hutchinson_probes, seed)
     elif "fisher" in needs:
-        step = _PerSequence(params, n_tokens, n_seq)
+        step = _PerSequence(model, params, n_tokens, n_seq)
     else:
-        step = _Plain(params, n_tokens, n_seq)
+        step = _Plain(model, params, n_tokens, n_seq)
     norms = activations.InputNorms(model, params) if "act_sq" in needs else None
     picks = activations.RouterPicks(model)  # no hooks for a dense model
     watchers = [w for w in (norms, picks) if w is not None]
@@ -163,33 +172,37 @@ def accumulate(
 
 def _main_pass(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], batches: list[list[int]],
                device: torch.device, step: _Step, watchers: list[activations.InputNorms | activations.RouterPicks]) -> float:
-    """Forward every micro-batch (the `watchers` hooks counting its real tokens), hand its
-    summed loss to `step` for the backward; return the summed token loss, float64 on the host."""
+    """Forward every micro-batch's base model (the `watchers` hooks counting its real tokens),
+    hand its final hidden states to `step`, which finishes the loss and runs the backward;
+    return the summed token loss, float64 on the host."""
     loss_sum = 0.0
     work = [sum(len(input_ids[i]) for i in b) for b in batches]
     for b, batch in enumerate(progress(batches, "forward+backward", work=work)):
         ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)
         for w in watchers:
             w.mask, w.active = mask, True
-        loss_b = token_loss_sum(model, ids, mask)  # float32 scalar, summed over tokens
+        hidden = final_hidden(model, ids, mask)  # (B, T, C)
         for w in watchers:
             w.active = False
+        loss_b = step(model, hidden, ids, mask)  # float32 scalar, summed over tokens
         check_finite_loss(loss_b, b)
-        loss_sum += float(loss_b.detach().double())
-        step(loss_b, mask)
+        loss_sum += float(loss_b.double())
     return loss_sum
 
 
 class _Plain:
     """Micro-batches of any size: backward of each one's share of L into dL/dW."""
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], n_tokens: int, n_seq: int,
-                 with_fisher: bool = False):
+    def __init__(self, model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]], n_tokens: int,
+                 n_seq: int, with_fisher: bool = False):
         self.n_tokens = n_tokens
-        self.sink = _GradSink(params, with_fisher, n_seq)
+        # a sum takes a gradient's pieces one by one; a square (fisher) needs them whole
+        self.sink = _GradSink(params, with_fisher, n_seq, head_parameters(model) if with_fisher else set())
 
-    def __call__(self, loss_b: torch.Tensor, mask: torch.Tensor) -> None:
-        (loss_b / self.n_tokens).backward()
+    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss_b = backward_in_two(model, hidden, ids, mask, 1.0 / self.n_tokens)
+        self.sink.flush()
+        return loss_b
 
     def close(self) -> None:
         self.sink.remove()
@@ -202,13 +215,15 @@ class _PerSequence(_Plain):
     """One sequence per micro-batch: backward of its own mean loss g_n, which the sink adds as
     g_n^2 / n_sequences into fisher and, weighed by T_n / N, into dL/dW."""
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], n_tokens: int, n_seq: int):
-        super().__init__(params, n_tokens, n_seq, with_fisher=True)
+    def __init__(self, model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]], n_tokens: int, n_seq: int):
+        super().__init__(model, params, n_tokens, n_seq, with_fisher=True)
 
-    def __call__(self, loss_b: torch.Tensor, mask: torch.Tensor) -> None:
+    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n_pred = int(mask[:, 1:].sum())
         self.sink.scale = n_pred / self.n_tokens
-        (loss_b / n_pred).backward()
+        loss_b = backward_in_two(model, hidden, ids, mask, 1.0 / n_pred)
+        self.sink.flush()
+        return loss_b
 
 
 class _DoubleBackward:
@@ -219,8 +234,10 @@ class _DoubleBackward:
         self.hutchinson = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
         self.grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
 
-    def __call__(self, loss_b: torch.Tensor, mask: torch.Tensor) -> None:
+    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss_b = head_loss_sum(model, hidden, ids, mask)
         _hutchinson_step(self.params, loss_b / self.n_tokens, self.grad, self.hutchinson, self.probes, self.seed)
+        return loss_b.detach()
 
     def close(self) -> None:
         pass
@@ -257,20 +274,18 @@ def _fisher_pass(
     device = params[0][1].device
     for _, p in params:
         p.requires_grad_(True)
-    sink = _GradSink(params, with_fisher=True, n_sequences=len(input_ids))
+    step = _PerSequence(model, params, predicted_tokens(input_ids), len(input_ids))
     try:
         rank, world = distributed.world()
-        for b, i in enumerate(progress(range(rank, len(input_ids), world), "fisher: per-sequence backward",
-                                     work=[len(input_ids[i]) for i in range(rank, len(input_ids), world)])):
+        mine = range(rank, len(input_ids), world)
+        for b, i in enumerate(progress(mine, "fisher: per-sequence backward", work=[len(input_ids[i]) for i in mine])):
             ids, mask = pad_batch([list(input_ids[i])], device)
-            loss = token_loss_sum(model, ids, mask)
-            check_finite_loss(loss, b)
-            (loss / int(mask[:, 1:].sum())).backward()
+            check_finite_loss(step(model, final_hidden(model, ids, mask), ids, mask), b)
     finally:
-        sink.remove()
+        step.close()
         for _, p in params:
             p.requires_grad_(False)
-    return sink.fisher
+    return step.sink.fisher
 
 
 def _check_gradients(params: list[tuple[str, torch.nn.Parameter]], grads: dict[str, torch.Tensor]) -> None:

@@ -45,19 +45,22 @@ class ReportError(CriticalWeightsError):
     """A report given on the command line (such as critical_weights.csv) is missing or malformed."""
 
 
-def out_of_memory(micro_batch_size: int, batch_tokens: int, longest: int) -> ResourceError:
+def out_of_memory(micro_batch_size: int, batch_tokens: int, longest: int, checkpointing: bool = True) -> ResourceError:
     """What to say when forward+backward runs out of device memory, with settings to try."""
     now = f"sensitivity.micro_batch_size {micro_batch_size}, sensitivity.batch_tokens {batch_tokens}"
-    if micro_batch_size > 1 or (batch_tokens and batch_tokens > longest):
+    if not checkpointing:
+        now += ", sensitivity.checkpointing false"
+    recompute = "" if checkpointing else "set sensitivity.checkpointing true, "
+    if micro_batch_size > 1:  # a micro-batch may hold several sequences
         half = max(1, micro_batch_size // 2)
         budget = max(longest, (batch_tokens or micro_batch_size * longest) // 2)
         return ResourceError(
-            f"out of device memory in forward+backward ({now}); lower sensitivity.micro_batch_size "
+            f"out of device memory in forward+backward ({now}); {recompute}lower sensitivity.micro_batch_size "
             f"(try {half}) or set sensitivity.batch_tokens (try {budget})"
         )
     return ResourceError(
         f"out of device memory in forward+backward even for one sequence of {longest} tokens ({now}); "
-        "lower texts.max_length, use model.dtype bfloat16, or spread the model with model.device_map auto"
+        f"{recompute}lower texts.max_length, use model.dtype bfloat16, or spread the model with model.device_map auto"
     )
 
 

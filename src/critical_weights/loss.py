@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from critical_weights.errors import ModelError, NumericalError
 
-LOGITS_BUDGET_BYTES = 1 << 30  # above this, cross-entropy runs in recomputed chunks
+LOGITS_BUDGET_BYTES = 1 << 28  # float32 logits held at once; above this the head runs in chunks
 
 
 def predicted_tokens(input_ids: Sequence[Sequence[int]]) -> int:
@@ -37,20 +37,34 @@ def pad_batch(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+class _HiddenOnly:
+    """Made into a transformers output class on first use (`_hidden_only`): only
+    `last_hidden_state` is set, and every other field (router logits, attentions, cache, ...)
+    reads None."""
+
+    def __getattr__(self, name: str) -> None:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+def _hidden_only() -> type:
+    global _HIDDEN_ONLY
+    if _HIDDEN_ONLY is None:
+        from transformers.modeling_outputs import BaseModelOutputWithPast  # transformers loads lazily
+
+        _HIDDEN_ONLY = type("HiddenOnly", (_HiddenOnly, BaseModelOutputWithPast), {})
+    return _HIDDEN_ONLY
+
+
+_HIDDEN_ONLY: type | None = None
+
+
 class _GivenHidden(torch.nn.Module):
-    """Stands in for the base model: hands back the hidden states it is given as inputs_embeds,
-    in an output whose other fields (router logits, attentions, cache, ...) all read None."""
+    """Stands in for the base model: hands back the hidden states it is given as inputs_embeds."""
 
     def forward(self, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
-        class HiddenOnly(BaseModelOutputWithPast):
-            def __getattr__(self, name: str) -> None:
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                return None
-
-        return HiddenOnly(last_hidden_state=inputs_embeds)
+        return _hidden_only()(last_hidden_state=inputs_embeds)
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,20 +118,29 @@ def _chunk_ce(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(output_logits(model, hidden).float(), targets, reduction="sum")
 
 
-def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the real tokens of a padded batch (float32 scalar).
+def final_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The base model's final hidden states of a padded batch, (B, T, C) in the model's dtype."""
+    return base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)[0]
 
-    The base model runs once over the batch; the model's own output path (`output_logits`)
-    then runs on the final hidden states of the real predicting positions only. When their
-    float32 logits would exceed LOGITS_BUDGET_BYTES, they are computed in chunks that are
-    recomputed in backward, so the full float32 logits never exist at once.
-    """
-    hidden = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)[0]  # (B, T, C)
+
+def _predicting(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states of the real predicting positions (n, C) and their targets (n,)."""
     valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
-    h = hidden[:, :-1][valid]  # (n, C)
-    y = ids[:, 1:][valid]  # (n,)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, LOGITS_BUDGET_BYTES // (4 * vocab))
+    return hidden[:, :-1][valid], ids[:, 1:][valid]
+
+
+def _chunk_rows(model: torch.nn.Module) -> int:
+    """Predicting positions per chunk: their float32 logits fit LOGITS_BUDGET_BYTES."""
+    return max(1, LOGITS_BUDGET_BYTES // (4 * model.get_output_embeddings().weight.shape[0]))
+
+
+def head_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the real tokens, from the final hidden states
+    (float32 scalar, differentiable twice). The model's own output path (`output_logits`) runs
+    on the real predicting positions only; past LOGITS_BUDGET_BYTES of float32 logits it runs
+    in chunks that are recomputed in backward, so the full logits never exist at once."""
+    h, y = _predicting(hidden, ids, mask)
+    chunk = _chunk_rows(model)
     if h.shape[0] <= chunk:
         return _chunk_ce(model, h, y)
     total = h.new_zeros((), dtype=torch.float32)
@@ -126,6 +149,45 @@ def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
             _chunk_ce, model, h[start : start + chunk], y[start : start + chunk], use_reentrant=False
         )
         total = total + part
+    return total
+
+
+def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the real tokens of a padded batch (float32 scalar)."""
+    return head_loss_sum(model, final_hidden(model, ids, mask), ids, mask)
+
+
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters the output path uses after the base model (the head's weight, which
+    may be the tied input embedding): in `backward_in_two` their gradient comes in pieces."""
+    prefix = model.base_model_prefix
+    return {id(p) for path, m in model.named_modules() if path != prefix and not path.startswith(prefix + ".")
+            for p in m.parameters(recurse=False)}
+
+
+def backward_in_two(model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Backward of `scale` x the summed token loss, split at the final hidden states `hidden`
+    (the graph of `final_hidden`); returns the summed loss (float32 scalar, no graph).
+
+    First the output path, chunk by chunk of LOGITS_BUDGET_BYTES float32 logits, each chunk
+    backward on its own into the head's weights and dL/dhidden; then one backward of the base
+    model from dL/dhidden. The gradients are those of one backward of the whole loss; but the
+    logits (several copies of n x vocabulary floats) are gone before the base model's backward
+    starts, nothing is computed twice, and a weight used in both parts (a tied embedding) gets
+    its gradient in two or more pieces, which the caller sums (`accumulate._GradSink`)."""
+    valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
+    h = hidden.detach()[:, :-1][valid].requires_grad_(True)  # (n, C), a leaf
+    y = ids[:, 1:][valid]  # (n,)
+    chunk = _chunk_rows(model)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, h.shape[0], chunk):
+        part = _chunk_ce(model, h[start : start + chunk], y[start : start + chunk])
+        (part * scale).backward()
+        total += part.detach()
+    grad = torch.zeros_like(hidden)  # (B, T, C): padding and the last positions predict nothing
+    grad[:, :-1][valid] = h.grad
+    hidden.backward(grad)
     return total
 
 

@@ -55,10 +55,11 @@ class SensitivityParams:
     metrics: tuple[str, ...] = param(("grad_x_weight", "magnitude"), Choices(METRICS))  # computed in one run
     parameters: str = param("weights", Choice(PARAMETER_SETS))  # weights = every weight tensor of ndim >= 2 (experts too); all = also norms and biases
     micro_batch_size: int = param(8, Integer(minimum=1))  # sequences per forward+backward
-    batch_tokens: int = param(0, Integer(minimum=0))  # token budget per micro-batch (padded), 0 = no budget
+    batch_tokens: int = param(256, Integer(minimum=0))  # token budget per micro-batch (padded), 0 = no budget
     keep: int = param(1000, Integer(minimum=1))  # top candidates kept per parameter and metric; rank.k must be <= keep
     dense: bool = param(False, Boolean())  # also write every score (small models and tests only)
     hutchinson_probes: int = param(8, Integer(minimum=1))  # Rademacher probes for the `hutchinson` metric
+    checkpointing: bool = param(True, Boolean())  # recompute each block's forward in backward: less memory, ~1/3 more compute
 
 
 @dataclass(frozen=True)

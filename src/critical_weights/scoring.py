@@ -16,7 +16,8 @@ import torch
 from critical_weights.accumulate import Accumulators
 from critical_weights.metrics import REGISTRY
 
-CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time
+CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time on a GPU
+HOST_CHUNK_ELEMENTS = 1 << 22  # 4M on the CPU: a chunk's temporaries (about 40 bytes a score) stay near 160 MiB
 GRID = 64  # pooled grid is at most GRID x GRID
 HIST_LOW, HIST_HIGH, HIST_PER_DECADE = -24, 6, 10  # log10 bins: 1e-24 .. 1e6, 10 per decade
 N_BINS = (HIST_HIGH - HIST_LOW) * HIST_PER_DECADE
@@ -66,8 +67,11 @@ def metric_scores(metric: str, name: str, weight: torch.Tensor, acc: Accumulator
     return REGISTRY[metric].score(w, part)
 
 
-def row_chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+def row_chunks(n_rows: int, n_cols: int, device: torch.device = torch.device("cpu")) -> Iterator[slice]:
+    """Whole rows at a time, at most CHUNK_ELEMENTS scores (HOST_CHUNK_ELEMENTS on the CPU,
+    where the chunk's temporaries add to the process's peak memory)."""
+    limit = CHUNK_ELEMENTS if device.type != "cpu" else min(CHUNK_ELEMENTS, HOST_CHUNK_ELEMENTS)
+    step = max(1, limit // max(1, n_cols))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
 
@@ -216,7 +220,7 @@ def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, k
     are kept too."""
     n_rows, n_cols = as_matrix(weight).shape
     run = _Running(n_rows, n_cols, keep, weight.device, n_experts)
-    for rows in row_chunks(n_rows, n_cols):
+    for rows in row_chunks(n_rows, n_cols, weight.device):
         s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
         run.add(s, rows)
         if dense is not None:

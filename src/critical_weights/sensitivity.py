@@ -5,6 +5,7 @@ The stages after it (rank, export, plot) live in torch-free modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from critical_weights.progress import Timings, progress
 from critical_weights.accumulate import accumulate, scored_parameters
 from critical_weights.loss import check_output_path, perplexity
 from critical_weights.metrics import REGISTRY
+from critical_weights.recompute import checkpointed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
 
     Under `torchrun`, each process takes a share of the micro-batches; the sums are
     all-reduced and the first process scores and writes."""
-    from transformers import AutoTokenizer
-
     input_ids, prep_meta = texts.read_prepared(prepared)
     p_model = params.model
     with timings.phase("load model"):
@@ -40,31 +40,35 @@ def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings)
         distributed.init_from_env(device.type == "cuda")
         device = distributed.local_device(device)
         model = models.load_model(source, p_model, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(prepared / texts.TOKENIZER_DIR)
         identity = models.identity(source, model, device)
     models.check_vocabulary(source.name, model, input_ids)
     extra = {"model": identity, "text_sha256": prep_meta.get("text_sha256"), "prepare": prep_meta}
-    compute_shards(model, tokenizer, input_ids, params, out, timings, extra)
+    compute_shards(model, prepared / texts.TOKENIZER_DIR, input_ids, params, out, timings, extra)
 
 
 def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[int]], params: Params,
                    out: Path, timings: Timings, extra_meta: dict[str, Any]) -> None:
-    """The work after loading: accumulate over the texts, score every parameter, write shards."""
+    """The work after loading: accumulate over the texts, score every parameter, write shards.
+
+    `tokenizer` (it decodes the rows of token matrices) may be the folder to load it from,
+    which then happens after the pass, so that it does not add to the pass's peak memory."""
     p_sens = params.sensitivity
     if "hutchinson" in p_sens.metrics:
         # Hessian-vector products need double backward, which fused SDPA and grouped_mm kernels lack
         models.use_implementations(model, "hutchinson needs double backward", attention="eager", experts="eager")
+    recompute = checkpointed_blocks(model) if p_sens.checkpointing else contextlib.nullcontext()
     extra_meta = {**extra_meta, "model": {**extra_meta.get("model", {}), "implementations": models.implementations(model)}}
     params_list = scored_parameters(model, p_sens.parameters)
     check_output_path(model, input_ids[0])
-    with timings.phase("forward+backward"):
+    with timings.phase("forward+backward"), recompute:
         try:
             acc, skipped = accumulate(
                 model, input_ids, params_list, p_sens.metrics, p_sens.micro_batch_size,
                 p_sens.batch_tokens, p_sens.hutchinson_probes, params.seed,
             )
         except torch.OutOfMemoryError:
-            raise out_of_memory(p_sens.micro_batch_size, p_sens.batch_tokens, max(map(len, input_ids))) from None
+            raise out_of_memory(p_sens.micro_batch_size, p_sens.batch_tokens, max(map(len, input_ids)),
+                                p_sens.checkpointing) from None
     for name, why in skipped.items():
         log.info("wanda skips %s: %s", name, why)
     token_rows = {id(model.get_input_embeddings().weight)}
@@ -74,6 +78,10 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     avg_loss = acc.loss_sum / acc.n_tokens
     if not distributed.is_main():
         return  # every process holds the all-reduced sums; the first one writes them
+    if isinstance(tokenizer, Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])
