@@ -7,10 +7,11 @@ outputs stay byte-identical between runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
-import itertools
 import os
+import resource
 import sys
 import threading
 import time
@@ -109,6 +110,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 class Timings:
     """Wall-clock and CPU seconds per named phase of a stage.
 
@@ -119,6 +126,7 @@ class Timings:
         self.stage = stage
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}  # the process's peak resident memory at each phase's end
         self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     @contextlib.contextmanager
@@ -129,7 +137,9 @@ class Timings:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
-            log.info("%s: %s took %.2f s (%.2f s of CPU)", self.stage, name, self.seconds[name], self.cpu_seconds[name])
+            self.peak_mib[name] = peak_memory_mib()
+            log.info("%s: %s took %.2f s (%.2f s of CPU); peak memory so far %.0f MiB", self.stage, name,
+                     self.seconds[name], self.cpu_seconds[name], self.peak_mib[name])
 
     def write(self, path: Path | None) -> None:
         """Log the totals and, when given a path, write them there (an untracked file)."""
@@ -139,5 +149,7 @@ class Timings:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"stage": self.stage, "total_s": round(total, 4), "phases_s": {k: round(v, 4) for k, v in self.seconds.items()},
-                  "total_cpu_s": round(cpu, 4), "phases_cpu_s": {k: round(v, 4) for k, v in self.cpu_seconds.items()}}
+                  "total_cpu_s": round(cpu, 4), "phases_cpu_s": {k: round(v, 4) for k, v in self.cpu_seconds.items()},
+                  "peak_memory_mib": round(peak_memory_mib(), 1),
+                  "peak_memory_mib_after": {k: round(v, 1) for k, v in self.peak_mib.items()}}
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -17,7 +17,7 @@ from critical_weights.accumulate import Accumulators
 from critical_weights.metrics import REGISTRY
 
 CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time on a GPU
-HOST_CHUNK_ELEMENTS = 1 << 22  # 4M on the CPU: a chunk's temporaries (about 40 bytes a score) stay near 160 MiB
+HOST_CHUNK_ELEMENTS = 1 << 21  # 2M on the CPU: a chunk's temporaries (about 40 bytes a score) stay near 80 MiB
 GRID = 64  # pooled grid is at most GRID x GRID
 HIST_LOW, HIST_HIGH, HIST_PER_DECADE = -24, 6, 10  # log10 bins: 1e-24 .. 1e6, 10 per decade
 N_BINS = (HIST_HIGH - HIST_LOW) * HIST_PER_DECADE
@@ -76,6 +76,30 @@ def row_chunks(n_rows: int, n_cols: int, device: torch.device = torch.device("cp
         yield slice(start, min(n_rows, start + step))
 
 
+SAMPLE_PER_K = 32  # `_at_or_above_a_sample` draws this many values per kept candidate
+
+
+def _at_or_above_a_sample(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subset of (values, index) that holds the k largest values and every tie of the k-th.
+
+    A seeded random sample gives a threshold t that about 2k values should reach; if at least
+    k do, every one of the k largest is >= t, so the subset of values >= t loses none of
+    them (and none of their ties). Else, or with NaN about, the whole of them. Either way the
+    result of `top_k_stable` is the same; the subset only spares topk a pass over n values."""
+    n = values.numel()
+    m = SAMPLE_PER_K * k
+    if n < 4 * m or bool(torch.isnan(values).any()):
+        return values, index
+    gen = torch.Generator(device=values.device).manual_seed(0)
+    sample = values[torch.randint(n, (m,), generator=gen, device=values.device)]  # (m,)
+    j = min(m, 2 * SAMPLE_PER_K * k * m // n + 1)  # the sample's j-th largest: ~2k values of n reach it
+    threshold = torch.topk(sample, j, sorted=False).values.min()
+    keep = values >= threshold
+    if int(torch.count_nonzero(keep)) < k:
+        return values, index
+    return values[keep], index[keep]
+
+
 def top_k_stable(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values, ties broken by smaller index; returned in that order.
 
@@ -83,6 +107,7 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[tor
     is kept, and among values equal to it, the smallest indices.
     """
     k = min(k, values.numel())
+    values, index = _at_or_above_a_sample(values, index, k)
     top, pos = torch.topk(values, k, sorted=False)
     threshold = top.min()
     n_at = int(torch.count_nonzero(values == threshold))

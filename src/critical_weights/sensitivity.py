@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from critical_weights.metrics import REGISTRY
 from critical_weights.recompute import checkpointed_blocks
 
 log = logging.getLogger(__name__)
+SCORING_THREADS = 2
 
 
 def run_sensitivity(prepared: Path, params: Params, out: Path, timings: Timings) -> None:
@@ -85,9 +87,20 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])
-        for index, (name, weight) in enumerate(progress(params_list, "scoring parameters")):
-            stats += _score_parameter(tmp, index, name, weight, places[name], acc, params, skipped,
-                                      tokenizer if id(weight) in token_rows else None)
+
+        def score(item: tuple[int, tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+            index, (name, weight) = item
+            return _score_parameter(tmp, index, name, weight, places[name], acc, params, skipped,
+                                    tokenizer if id(weight) in token_rows else None)
+
+        # two parameters at a time: small tensors leave a core idle, and Parquet writing overlaps
+        # the next tensor's scores; each parameter's result is the same bits, gathered in order
+        pool = ThreadPoolExecutor(SCORING_THREADS)
+        try:
+            for rows in progress(pool.map(score, enumerate(params_list)), "scoring parameters", len(params_list)):
+                stats += rows
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, start no other parameter
         shards.write_stats(tmp, stats)
         shards.write_meta(tmp, shards_meta(extra_meta, params, acc.loss_sum, acc.n_tokens, acc.n_sequences,
                                            len(params_list), sum(w.numel() for _, w in params_list), skipped,
