@@ -33,22 +33,6 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_float_text_reads_back_as_the_same_float32():
-    rng = np.random.default_rng(0)
-    values = (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32)
-    values = np.concatenate([values, np.array([1 / 3, np.finfo(np.float32).tiny, 3.4e38], np.float32)])
-    for v in values:
-        assert np.float32(float(export._float(float(v)))) == v
-
-
-@pytest.mark.parametrize("value, text", [
-    (None, ""), (3, "3"), (float(np.float32(0.1)), "0.100000001"), (0.1, "0.1"), ("plain", "plain"), ("a,b", '"a,b"'),
-    ('say "hi"', '"say ""hi"""'), (" lead", '" lead"'), ("two\nlines", '"two\nlines"'),
-])
-def test_csv_fields_are_quoted_only_when_needed(value, text):
-    assert export._csv_field(value) == text
-
-
 def test_the_csv_is_the_ranked_table_row_for_row(exported):
     sens, ranked_dir, reports = exported
     text = (reports / "critical_weights.csv").read_text(encoding="utf-8")

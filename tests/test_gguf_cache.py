@@ -65,7 +65,7 @@ def test_cache_entry_is_keyed_by_the_sha256_and_holds_whole_parts(tiny_gguf, tmp
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path))
     _load(tiny_gguf)
     (entry,) = tmp_path.iterdir()
-    assert entry.name.startswith(f"gguf-{models.sha256_file(tiny_gguf)}-transformers")
+    assert entry.name.startswith(f"gguf-{gguf_cache.sha256_file(tiny_gguf)}-transformers")
     assert sorted(p.name for p in entry.iterdir()) == ["model", "tokenizer"]  # no temporary folder left
     assert (entry / "model" / "model.safetensors").is_file() and (entry / "model" / gguf_cache.COMPLETE).is_file()
     other = write_tiny_gguf(tmp_path.parent / "other.gguf", seed=1)  # other bytes, other entry

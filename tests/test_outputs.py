@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from critical_weights import outputs
 from critical_weights.outputs import atomic_path, glob_escape, remove_stale, write_json, write_text
 
 
@@ -67,3 +69,23 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
 def test_glob_escape():
     assert glob_escape("a*b?c[d]") == "a[*]b[?]c[[]d]"
     assert list(Path("/").glob(glob_escape("*"))) == []
+
+
+def test_float_text_reads_back_as_the_same_float32():
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32)
+    values = np.concatenate([values, np.array([1 / 3, np.finfo(np.float32).tiny, 3.4e38], np.float32)])
+    for v in values:
+        assert np.float32(float(outputs.csv_field(float(v)))) == v
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, ""), (3, "3"), (float(np.float32(0.1)), "0.100000001"), (0.1, "0.1"), ("plain", "plain"), ("a,b", '"a,b"'),
+    ('say "hi"', '"say ""hi"""'), (" lead", '" lead"'), ("two\nlines", '"two\nlines"'),
+])
+def test_csv_fields_are_quoted_only_when_needed(value, text):
+    assert outputs.csv_field(value) == text
+
+
+def test_csv_text_is_the_header_then_one_line_per_row():
+    assert outputs.csv_text(("a", "b"), [[1, None], [0.5, "x,y"]]) == 'a,b\n1,\n0.5,"x,y"\n'

@@ -16,7 +16,7 @@ from critical_weights import __version__, shards
 from critical_weights.moe import expert_importance
 from critical_weights.overlap import metric_overlap
 from critical_weights.params import RankParams
-from critical_weights.outputs import write_json, write_text
+from critical_weights.outputs import csv_text, write_json, write_text
 from critical_weights.ranking import Place, rank_every_metric, read_ranked
 
 CSV_COLUMNS = ("rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
@@ -24,31 +24,15 @@ CSV_COLUMNS = ("rank", "parameter", "block", "component", "expert", "row", "col"
 VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
 
 
-def _float(x: float) -> str:
-    """Shortest text that reads back as the same float32 (9 significant digits suffice)."""
-    return format(x, ".9g")
-
-
-def _csv_field(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return _float(value)
-    text = str(value)
-    if any(c in text for c in ',"\n\r') or text != text.strip():
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
 def critical_csv(ranked: pa.Table, places: dict[str, Place]) -> str:
     """One row per critical weight, with exactly CSV_COLUMNS; `places` gives each parameter's
     (block, component) as the sensitivity stage found them in the model."""
-    lines = [",".join(CSV_COLUMNS)]
+    rows = []
     for r in ranked.to_pylist():
         block, component = places[r["parameter"]]
         row = {**r, "block": block, "component": component}
-        lines.append(",".join(_csv_field(row[c]) for c in CSV_COLUMNS))
-    return "\n".join(lines) + "\n"
+        rows.append([row[c] for c in CSV_COLUMNS])
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def parameter_stats(stats: pa.Table) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def check_finite_weights(name: str, model: torch.nn.Module, chunk: int = 1 << 24
 def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     """What exactly was measured: name, weight hashes or revision, architecture, dtype, device."""
     config = model.config
-    files = {p.name: sha256_file(p) for p in source.weight_files}
+    files = {p.name: gguf_cache.sha256_file(p) for p in source.weight_files}  # hashed once per process
     return {
         "name": source.name,
         "kind": source.kind,
@@ -201,10 +201,6 @@ def use_implementations(model: torch.nn.Module, why: str, attention: str | None 
     after = implementations(model)
     if after != before:
         log.info("%s: switching implementations %s -> %s", why, before, after)
-
-
-def sha256_file(path: Path) -> str:
-    return gguf_cache.sha256_file(path)  # hashed once per process, shared with the GGUF cache
 
 
 def _cached_gguf_model(source: ModelSource, params: ModelParams) -> tuple[str, dict[str, Any]]:

@@ -72,3 +72,21 @@ def write_json(path: Path, data: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def csv_field(value: Any) -> str:
+    """One CSV field: empty for None; a float as the shortest text that reads back as the same
+    float32 (9 significant digits suffice); anything else as text, quoted only when needed."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, ".9g")
+    text = str(value)
+    if any(c in text for c in ',"\n\r') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_text(header: list[str] | tuple[str, ...], rows: list[list] | list[tuple]) -> str:
+    """A whole CSV file: the header, then one line per row of `csv_field`s."""
+    return "\n".join([",".join(header)] + [",".join(csv_field(v) for v in row) for row in rows]) + "\n"

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from critical_weights import moe, shards  # noqa: E402
 from critical_weights.errors import ParamsError  # noqa: E402
 from critical_weights.moe import expert_importance  # noqa: E402
-from critical_weights.outputs import atomic_path, write_text  # noqa: E402
+from critical_weights.outputs import atomic_path, csv_text, write_text  # noqa: E402
 from critical_weights.params import PlotParams  # noqa: E402
 from critical_weights.ranking import read_ranked  # noqa: E402
 
@@ -80,11 +80,11 @@ def _components(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["component"] for r in rows if r["block"] is not None))
 
 
-def layer_comparison_csv(rows: list[dict], metric: str) -> str:
+def layer_comparisoncsv_text(rows: list[dict], metric: str) -> str:
     """Long format for DVC's plots: one line per tensor inside a block, `block, component,
     parameter, metric, max, mean`, blocks ascending, model order within a block."""
     inside = sorted((r for r in rows if r["block"] is not None), key=lambda r: r["block"])
-    return _csv(["block", "component", "parameter", "metric", "max", "mean"],
+    return csv_text(["block", "component", "parameter", "metric", "max", "mean"],
                 [[r["block"], r["component"], r["parameter"], metric, r["max"], r["mean"]] for r in inside])
 
 
@@ -183,7 +183,7 @@ def write_experts(out: Path, layers: list[dict], metric: str, dpi: int) -> None:
     models, expert_heatmap.png."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / "expert_importance.csv").write_text(_csv(list(moe.CSV_HEADER), moe.importance_rows(layers, metric)),
+        (tmp / "expert_importance.csv").write_text(csv_text(list(moe.CSV_HEADER), moe.importance_rows(layers, metric)),
                                                    encoding="utf-8")
         if layers:
             fig = expert_figure(layers, metric)
@@ -258,13 +258,6 @@ def save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def _csv(header: list[str], rows: list[list]) -> str:
-    def fmt(v: object) -> str:
-        return format(v, ".9g") if isinstance(v, float) else ("" if v is None else str(v))
-
-    return "\n".join([",".join(header)] + [",".join(fmt(v) for v in row) for row in rows]) + "\n"
-
-
 def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path, params: PlotParams) -> None:
     """Write the PNGs and the CSVs behind DVC's `plots:` into `out`, each atomically."""
     meta = shards.read_meta(sensitivity)
@@ -288,7 +281,7 @@ def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path,
     centers = (edges[:-1] + edges[1:]) / 2
     for name, fig in figures.items():
         save_png(fig, out / name, params.dpi)
-    write_text(out / "layer_comparison.csv", layer_comparison_csv(rows, metric))
+    write_text(out / "layer_comparison.csv", layer_comparisoncsv_text(rows, metric))
     write_experts(out / "experts", expert_importance(meta, stats, ranked, metric), metric, params.dpi)
     write_text(out / "score_histogram.csv",
-               _csv(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))
+               csv_text(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))

@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 from critical_weights.damage import NOISE_REL, TextSets, loss_record
+from critical_weights.outputs import csv_text
 from critical_weights.params import Params
 from critical_weights.selection import EXPORTED
 
@@ -73,13 +72,7 @@ def curve_csv(report: dict[str, Any]) -> str:
     """The damage curve, long format: the critical set, the random draws' mean (spread = their
     standard deviation) and bottom_k, per perturbation and k; empty where a loss is not finite."""
     primary = report["texts"]["primary"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CURVE_COLUMNS)
-
-    def fmt(v: float | None) -> str:
-        return "" if v is None else format(v, ".9g")
-
+    rows = []
     base = report["texts"][primary]["loss"]
     for kind, by_set in report["damage"].items():
         ks = [(int(n[1:]), e) for n, e in by_set.items() if n != EXPORTED]
@@ -92,5 +85,5 @@ def curve_csv(report: dict[str, Any]) -> str:
                     loss = None if inc is None else base + inc
                 else:
                     loss, inc, spread = entry[cond][primary]["loss"], entry[cond][primary]["loss_increase"], None
-                writer.writerow([kind, f"{kind} {cond}", k, fmt(loss), fmt(inc), fmt(spread)])
-    return buf.getvalue()
+                rows.append([kind, f"{kind} {cond}", k, loss, inc, spread])
+    return csv_text(CURVE_COLUMNS, rows)
