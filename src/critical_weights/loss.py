@@ -176,18 +176,18 @@ def backward_in_two(model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Ten
     logits (several copies of n x vocabulary floats) are gone before the base model's backward
     starts, nothing is computed twice, and a weight used in both parts (a tied embedding) gets
     its gradient in two or more pieces, which the caller sums (`accumulate._GradSink`)."""
-    valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
-    h = hidden.detach()[:, :-1][valid].requires_grad_(True)  # (n, C), a leaf
-    y = ids[:, 1:][valid]  # (n,)
+    h, y = _predicting(hidden.detach(), ids, mask)  # (n, C), (n,)
+    h.requires_grad_(True)  # a leaf: the chunks' backward stops here
     chunk = _chunk_rows(model)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, h.shape[0], chunk):
         part = _chunk_ce(model, h[start : start + chunk], y[start : start + chunk])
         (part * scale).backward()
         total += part.detach()
-    grad = torch.zeros_like(hidden)  # (B, T, C): padding and the last positions predict nothing
-    grad[:, :-1][valid] = h.grad
-    hidden.backward(grad)
+    if h.grad is not None:
+        grad = torch.zeros_like(hidden)  # (B, T, C): padding and the last positions predict nothing
+        grad[:, :-1][mask[:, 1:].bool()] = h.grad
+        hidden.backward(grad)
     return total
 
 

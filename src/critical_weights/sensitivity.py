@@ -83,7 +83,8 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     if isinstance(tokenizer, Path):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        with timings.phase("load tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])
