@@ -152,3 +152,20 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
 
 def gpu_targets() -> tuple[str, ...]:
     return ("tflops", "score_and_write_s", "gpu_peak_gib", "chain_without_load_s")
+
+
+@pytest.mark.slow
+def test_memory_script_measures_every_setting_to_the_same_loss() -> None:
+    """benchmarks/memory.py on the embedded default: one line per setting, the same loss for
+    each, and recomputing the blocks lowers the peak (2 x 256 tokens: by hundreds of MiB)."""
+    import re
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "memory.py"), "--n-texts", "2"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert len({line.rsplit("loss ", 1)[1] for line in lines}) == 1
+    peak = {line.split(":")[0]: int(re.search(r"peak (\d+) MiB", line)[1]) for line in lines}
+    assert peak["8 sequences, checkpointing"] < peak["8 sequences, no checkpointing (the old default)"] - 100

@@ -1,0 +1,78 @@
+"""Peak host memory and time of forward+backward on the embedded default model, per setting of
+`sensitivity.batch_tokens` / `micro_batch_size` and `sensitivity.checkpointing`: each setting
+in a process of its own (ru_maxrss is a process's peak), over the N longest corpus texts
+(max_length 256), the settings alternated when repeated.
+
+    python benchmarks/memory.py --n-texts 16
+
+Prints one line per run: wall and CPU seconds of forward+backward, the process's resident
+memory after loading the model and its peak, and the loss (the same for every setting up to
+float rounding). Results: README, "Where the time and the memory go".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (label, micro_batch_size, batch_tokens, checkpointing)
+SETTINGS = (
+    ("8 sequences, no checkpointing (the old default)", 8, 0, False),
+    ("256 tokens, no checkpointing", 8, 256, False),
+    ("256 tokens, checkpointing (the default)", 8, 256, True),
+    ("8 sequences, checkpointing", 8, 0, True),
+)
+
+_CHILD = """
+import contextlib, json, resource, sys, time
+import torch
+from pathlib import Path
+from critical_weights import accumulate, models, texts
+from critical_weights.params import ModelParams
+from critical_weights.recompute import checkpointed_blocks
+n, micro, budget, recompute = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+p = ModelParams()
+source = models.resolve_source(p.name)
+tok = models.load_tokenizer(source, p)
+raw = texts.read_texts(Path(sys.argv[5]))
+ids = sorted((tok(t)["input_ids"][:256] for t in raw), key=len, reverse=True)[:n]
+del tok
+model = models.load_model(source, p, torch.device("cpu"), torch.float32)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+params = accumulate.scored_parameters(model, "weights")
+start, cpu = time.perf_counter(), time.process_time()
+with checkpointed_blocks(model) if recompute else contextlib.nullcontext():
+    acc, _ = accumulate.accumulate(model, ids, params, ["grad_x_weight"], micro, budget)
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                  "tokens": sum(map(len, ids)), "loaded_mib": loaded,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "loss": acc.loss_sum / acc.n_tokens}))
+"""
+
+
+def run_once(n_texts: int, micro: int, budget: int, recompute: bool) -> dict:
+    args = [str(n_texts), str(micro), str(budget), "1" if recompute else "0", str(ROOT / "data/texts/corpus.jsonl")]
+    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@click.command(help=__doc__)
+@click.option("--n-texts", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
+def main(n_texts: int, repeats: int) -> None:
+    for _ in range(repeats):
+        for label, micro, budget, recompute in SETTINGS:
+            r = run_once(n_texts, micro, budget, recompute)
+            click.echo(f"{label}: forward+backward {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s of CPU) for "
+                       f"{r['tokens']} tokens; after load {r['loaded_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB; "
+                       f"loss {r['loss']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
