@@ -65,6 +65,25 @@ def test_blocks_get_their_own_forward_back(ids):
     assert "forward" not in vars(block)
 
 
+def test_a_forward_set_on_the_instance_is_put_back(ids):
+    """accelerate (model.device_map auto) replaces a block's forward on the instance; it must
+    survive the context, and run inside it."""
+    model = architectures.build("llama")
+    block = model.model.layers[1]
+    calls = []
+    original = block.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = hooked
+    plain, recomputed = _both(model, ids, ["grad_x_weight"], 4)
+    assert block.forward is hooked and calls
+    for name, g in plain.grad.items():
+        assert torch.equal(recomputed.grad[name], g), name
+
+
 def test_a_model_without_a_block_list_is_one_line():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(ModelError, match=r"^sensitivity.checkpointing: Sequential has no list of blocks to "

@@ -29,13 +29,17 @@ def checkpointed_blocks(model: torch.nn.Module) -> Iterator[int]:
         raise ModelError(f"sensitivity.checkpointing: {type(model).__name__} has no list of blocks to checkpoint; "
                          "set sensitivity.checkpointing false")
     blocks = list(model.get_submodule(path))
+    before = [vars(block).get("forward") for block in blocks]  # accelerate's device hooks live there
     for block in blocks:
         block.forward = _recomputed(block.forward)  # an instance attribute over the class's forward
     try:
         yield len(blocks)
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, before):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _recomputed(forward: Any) -> Any:
