@@ -111,7 +111,18 @@ def _duration(seconds: float) -> str:
 
 
 def peak_memory_mib() -> float:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far, in MiB.
+
+    On Linux, VmHWM of /proc/self/status: this program's own. (ru_maxrss would also count the
+    parent's memory at the fork, DVC's or pytest's, since Linux carries it across exec.)
+    Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
