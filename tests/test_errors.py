@@ -449,3 +449,15 @@ def test_hub_id_in_the_local_cache_loads_offline(empty_hub_cache, monkeypatch, t
     assert models.load_tokenizer(source, params)("the cat")["input_ids"]
     model = models.load_model(source, params, torch.device("cpu"), torch.float32)
     assert model.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_out_of_memory_when_every_long_text_has_a_micro_batch_of_its_own():
+    """With the defaults (micro-batch 8, budget 256) a 256-token text is alone: halving either
+    would not help, so the advice is the one for a single sequence."""
+    from critical_weights.errors import out_of_memory
+
+    assert str(out_of_memory(8, 256, 256)) == (
+        "out of device memory in forward+backward even for one sequence of 256 tokens "
+        "(sensitivity.micro_batch_size 8, sensitivity.batch_tokens 256); lower texts.max_length, "
+        "use model.dtype bfloat16, or spread the model with model.device_map auto")
+    assert "try 4" in str(out_of_memory(8, 512, 100))  # short texts still share a micro-batch

@@ -98,8 +98,3 @@ def test_timings_record_the_peak_memory_where_it_was_reached(tmp_path):
     assert list(after) == ["small", "big"]
     assert after["big"] >= after["small"] + 250  # the process's peak rose by the block in the second phase
     assert record["peak_memory_mib"] >= after["big"]
-
-
-@pytest.mark.parametrize("seconds, text", [(4.4, "4 s"), (59.6, "1 min 00 s"), (245, "4 min 05 s"), (7380, "2 h 03 min")])
-def test_duration_reads_like_a_clock(seconds, text):
-    assert _duration(seconds) == text

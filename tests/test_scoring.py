@@ -147,6 +147,39 @@ def test_top_k_stable_equals_brute_force_with_many_ties(seed, k):
     np.testing.assert_array_equal(i.numpy(), ei)
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties", "negative", "inf", "nan", "skewed"])
+def test_top_k_stable_past_the_sample_prefilter_equals_brute_force(kind, monkeypatch):
+    """Chunks of at least 4 x SAMPLE_PER_K x k values go through `_at_or_above_a_sample`
+    first; it must never change the result, whatever the values (ties at the cut, negatives,
+    infinities, NaN, or a few huge values that a sample misses)."""
+    rng = np.random.default_rng(3)
+    n, k = 200_000, 1000
+    values = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        values = rng.integers(0, 40, size=n).astype(np.float32)  # ~5,000 values per level
+    elif kind == "negative":
+        values = -np.abs(values)
+    elif kind == "inf":
+        values[rng.choice(n, 20, replace=False)] = np.inf
+        values[rng.choice(n, 20, replace=False)] = -np.inf
+    elif kind == "nan":
+        values[rng.choice(n, 5, replace=False)] = np.nan
+    elif kind == "skewed":
+        values[rng.choice(n, 3 * k, replace=False)] = 1e6  # 3k equal maxima
+    assert n >= 4 * scoring.SAMPLE_PER_K * k
+    index = rng.permutation(n).astype(np.int64)
+    v, i = top_k_stable(torch.from_numpy(values), torch.from_numpy(index), k)
+    monkeypatch.setattr(scoring, "SAMPLE_PER_K", n)  # no prefilter: the plain path
+    pv, pi = top_k_stable(torch.from_numpy(values), torch.from_numpy(index), k)
+    torch.testing.assert_close(v, pv, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(i, pi)
+    if kind == "nan":  # brute force has no order for NaN; the plain path's is the reference
+        return
+    ev, ei = brute_top(values, index, k)
+    np.testing.assert_array_equal(v.numpy(), ev)
+    np.testing.assert_array_equal(i.numpy(), ei)
+
+
 def test_top_k_stable_with_distinct_values_and_all_equal_values():
     values = torch.tensor([0.5, 3.0, -1.0, 3.5, 0.0])
     index = torch.tensor([10, 11, 12, 13, 14])

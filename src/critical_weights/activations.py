@@ -2,7 +2,8 @@
 and how often each expert's router picked it.
 
 Both watch forward hooks over the real tokens only (padding excluded), and only while
-`active`: off during backward, where checkpointed logit chunks rerun part of the forward.
+`active`: off during backward, where checkpointed blocks (`sensitivity.checkpointing`) and
+Hutchinson's recomputed logit chunks rerun part of the forward.
 
 `wanda` covers every weight that multiplies an input:
 - nn.Linear weights and MoE routers (weight (E, hidden)): the module's input;

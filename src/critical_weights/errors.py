@@ -51,7 +51,8 @@ def out_of_memory(micro_batch_size: int, batch_tokens: int, longest: int, checkp
     if not checkpointing:
         now += ", sensitivity.checkpointing false"
     recompute = "" if checkpointing else "set sensitivity.checkpointing true, "
-    if micro_batch_size > 1:  # a micro-batch may hold several sequences
+    alone = micro_batch_size == 1 or (batch_tokens and batch_tokens < 2 * longest)  # the longest text has a batch of its own
+    if not alone:
         half = max(1, micro_batch_size // 2)
         budget = max(longest, (batch_tokens or micro_batch_size * longest) // 2)
         return ResourceError(

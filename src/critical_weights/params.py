@@ -59,7 +59,7 @@ class SensitivityParams:
     keep: int = param(1000, Integer(minimum=1))  # top candidates kept per parameter and metric; rank.k must be <= keep
     dense: bool = param(False, Boolean())  # also write every score (small models and tests only)
     hutchinson_probes: int = param(8, Integer(minimum=1))  # Rademacher probes for the `hutchinson` metric
-    checkpointing: bool = param(True, Boolean())  # recompute each block's forward in backward: less memory, ~1/3 more compute
+    checkpointing: bool = param(True, Boolean())  # recompute each block's forward in backward: less memory, one more forward of the blocks
 
 
 @dataclass(frozen=True)

@@ -80,12 +80,12 @@ def _components(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["component"] for r in rows if r["block"] is not None))
 
 
-def layer_comparisoncsv_text(rows: list[dict], metric: str) -> str:
+def layer_comparison_csv(rows: list[dict], metric: str) -> str:
     """Long format for DVC's plots: one line per tensor inside a block, `block, component,
     parameter, metric, max, mean`, blocks ascending, model order within a block."""
     inside = sorted((r for r in rows if r["block"] is not None), key=lambda r: r["block"])
     return csv_text(["block", "component", "parameter", "metric", "max", "mean"],
-                [[r["block"], r["component"], r["parameter"], metric, r["max"], r["mean"]] for r in inside])
+                    [[r["block"], r["component"], r["parameter"], metric, r["max"], r["mean"]] for r in inside])
 
 
 def layer_comparison_figure(rows: list[dict], metric: str) -> Figure:
@@ -281,7 +281,7 @@ def run_plot(sensitivity: Path, ranked_dir: Path, overlap_file: Path, out: Path,
     centers = (edges[:-1] + edges[1:]) / 2
     for name, fig in figures.items():
         save_png(fig, out / name, params.dpi)
-    write_text(out / "layer_comparison.csv", layer_comparisoncsv_text(rows, metric))
+    write_text(out / "layer_comparison.csv", layer_comparison_csv(rows, metric))
     write_experts(out / "experts", expert_importance(meta, stats, ranked, metric), metric, params.dpi)
     write_text(out / "score_histogram.csv",
                csv_text(["log10_score", "count"], [[float(round(c, 4)), int(n)] for c, n in zip(centers, counts) if n]))

@@ -3,7 +3,8 @@
 Each block keeps only its input for backward and runs its forward again when backward
 reaches it, so the activations of one block (not of every block) exist at once. The
 gradients are the same bits: the second forward is the same computation on the same inputs.
-It costs one more forward of the blocks (about a third more compute).
+It costs one more forward of the blocks: 1.2x the time of forward+backward on the default model
+(README, "Where the time and the memory go").
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def checkpointed_blocks(model: torch.nn.Module) -> Iterator[int]:
     if path is None:
         raise ModelError(f"sensitivity.checkpointing: {type(model).__name__} has no list of blocks to checkpoint; "
                          "set sensitivity.checkpointing false")
-    blocks = list(model.get_submodule(path))
+    blocks = list({id(b): b for b in model.get_submodule(path)}.values())  # a block listed twice is wrapped once
     before = [vars(block).get("forward") for block in blocks]  # accelerate's device hooks live there
     for block in blocks:
         block.forward = _recomputed(block.forward)  # an instance attribute over the class's forward

@@ -92,7 +92,7 @@ def _at_or_above_a_sample(values: torch.Tensor, index: torch.Tensor, k: int) -> 
         return values, index
     gen = torch.Generator(device=values.device).manual_seed(0)
     sample = values[torch.randint(n, (m,), generator=gen, device=values.device)]  # (m,)
-    j = min(m, 2 * SAMPLE_PER_K * k * m // n + 1)  # the sample's j-th largest: ~2k values of n reach it
+    j = min(m, 2 * k * m // n + 1)  # the sample's j-th largest: about j * n / m = 2k of the n values reach it
     threshold = torch.topk(sample, j, sorted=False).values.min()
     keep = values >= threshold
     if int(torch.count_nonzero(keep)) < k:

@@ -3,15 +3,14 @@ plot, and the figure (MLP output projection spikes and massive activations by la
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from critical_weights.damage import loss_record
+from critical_weights.outputs import csv_text
 from critical_weights.params import Params
 from critical_weights.projections import Projection
 from critical_weights.superweights import Candidate, ProjectionRecord, Spike
@@ -98,12 +97,7 @@ def block_rows(records: Sequence[ProjectionRecord], massive: list[dict[str, Any]
 def blocks_csv(rows: list[dict[str, Any]], threshold: float) -> str:
     columns = ["block", "mlp_input_max_abs", "input_channel", "mlp_output_max_abs", "output_channel",
                "hidden_max_abs", "hidden_channel", "threshold"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow([("" if r.get(c) is None else r[c]) for c in columns[:-1]] + [threshold])
-    return buf.getvalue()
+    return csv_text(columns, [[r.get(c) for c in columns[:-1]] + [threshold] for r in rows])
 
 
 def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
