@@ -10,14 +10,13 @@ Prints one line per run and the ratio pinned / native of the median wall and CPU
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import click
+
+from measure import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED_KEYS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "CRITICAL_WEIGHTS_CPU_KERNELS")
@@ -47,9 +46,7 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": sum(
 def run_once(setting: str, n_texts: int, micro: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in PINNED_KEYS}
     env["CRITICAL_WEIGHTS_CPU_KERNELS"] = setting
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n_texts), str(micro), str(ROOT / "data/texts/corpus.jsonl")],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_json(_CHILD, [str(n_texts), str(micro), str(ROOT / "data/texts/corpus.jsonl")], env)
 
 
 @click.command(help=__doc__)

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from typing import Any
 
 import click
 import torch
+
+from critical_weights.progress import peak_memory_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_SCRIPT = Path(__file__).resolve().parent / "phase.py"
@@ -37,11 +38,14 @@ def _host_peak_reset() -> bool:
 
 
 def _host_peak_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return round(peak_memory_mib() * 2**20)  # the stages' own reader: VmHWM, else ru_maxrss
+
+
+def child_json(code: str, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -c code args` in a process of its own; the JSON object on its last line."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _sync(device: torch.device) -> None:

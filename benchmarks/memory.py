@@ -1,6 +1,6 @@
 """Peak host memory and time of forward+backward on the embedded default model, per setting of
 `sensitivity.batch_tokens` / `micro_batch_size` and `sensitivity.checkpointing`: each setting
-in a process of its own (ru_maxrss is a process's peak), over the N longest corpus texts
+in a process of its own (its peak resident memory, VmHWM), over the N longest corpus texts
 (max_length 256), the settings alternated when repeated.
 
     python benchmarks/memory.py --n-texts 16
@@ -12,12 +12,11 @@ float rounding). Results: README, "Where the time and the memory go".
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import click
+
+from measure import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +29,12 @@ SETTINGS = (
 )
 
 _CHILD = """
-import contextlib, json, resource, sys, time
+import contextlib, json, sys, time
 import torch
 from pathlib import Path
 from critical_weights import accumulate, models, texts
 from critical_weights.params import ModelParams
+from critical_weights.progress import peak_memory_mib
 from critical_weights.recompute import checkpointed_blocks
 n, micro, budget, recompute = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 p = ModelParams()
@@ -44,22 +44,21 @@ raw = texts.read_texts(Path(sys.argv[5]))
 ids = sorted((tok(t)["input_ids"][:256] for t in raw), key=len, reverse=True)[:n]
 del tok
 model = models.load_model(source, p, torch.device("cpu"), torch.float32)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = peak_memory_mib()
 params = accumulate.scored_parameters(model, "weights")
 start, cpu = time.perf_counter(), time.process_time()
 with checkpointed_blocks(model) if recompute else contextlib.nullcontext():
     acc, _ = accumulate.accumulate(model, ids, params, ["grad_x_weight"], micro, budget)
 print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
                   "tokens": sum(map(len, ids)), "loaded_mib": loaded,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_mib": peak_memory_mib(),
                   "loss": acc.loss_sum / acc.n_tokens}))
 """
 
 
 def run_once(n_texts: int, micro: int, budget: int, recompute: bool) -> dict:
     args = [str(n_texts), str(micro), str(budget), "1" if recompute else "0", str(ROOT / "data/texts/corpus.jsonl")]
-    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_json(_CHILD, args)
 
 
 @click.command(help=__doc__)

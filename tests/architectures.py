@@ -60,12 +60,19 @@ def build(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_configs(vocab)[arch]()).to(torch.float32).eval()
+    return redraw(model, vector_noise=0.05)
+
+
+def redraw(model: torch.nn.Module, vector_noise: float = 0.0) -> torch.nn.Module:
+    """Every weight of ndim >= 2 drawn anew from N(0, 0.2^2) from torch's global generator and,
+    with `vector_noise`, N(0, vector_noise^2) added to the others (norms, biases), in
+    parameter order, so the first forward already shows large, varied activations."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.2)
-            else:
-                p.add_(torch.randn_like(p), alpha=0.05)
+            elif vector_noise:
+                p.add_(torch.randn_like(p), alpha=vector_noise)
     return model
 
 
@@ -93,12 +100,7 @@ def build_gemma3_multimodal(seed: int = 0) -> torch.nn.Module:
     config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                             boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.2)
-    return model
+    return redraw(AutoModelForCausalLM.from_config(config).to(torch.float32).eval())
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import architectures
 from _cli import assert_error, invoke, write_params_file
 from conftest import ROOT, build_tiny_model, build_tokenizer, run_prepare_and_sensitivity, tiny_params
 from critical_weights import shards, weight_ranks
@@ -104,11 +105,7 @@ def moe_model(kind: str, vocab: int = 96) -> torch.nn.Module:
         model = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=24, **common))
     else:
         model = tf.GptOssForCausalLM(tf.GptOssConfig(intermediate_size=24, head_dim=8, **common))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return architectures.redraw(model).eval()
 
 
 def test_moe_records_equal_each_expert_computed_by_hand():
@@ -155,11 +152,7 @@ def conv1d_model(vocab: int = 96) -> torch.nn.Module:
     config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=vocab, n_positions=64,
                         bos_token_id=None, eos_token_id=None)
     model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return architectures.redraw(model).eval()
 
 
 @pytest.mark.parametrize("kind, layout", [("llama", "linear"), ("gpt2", "conv1d"), ("mixtral", "experts"),
