@@ -26,12 +26,12 @@ _CHILD = """
 import json, sys, time
 import torch
 from pathlib import Path
-from critical_weights import accumulate, kernels, models, texts
+from critical_weights import accumulate, kernels, models, texts, tokenization
 from critical_weights.params import ModelParams
 n, micro = int(sys.argv[1]), int(sys.argv[2])
 p = ModelParams()
 source = models.resolve_source(p.name)
-tok = models.load_tokenizer(source, p)
+tok = tokenization.load_tokenizer(source, p)
 model = models.load_model(source, p, torch.device("cpu"), torch.float32)
 raw = texts.read_texts(Path(sys.argv[3]))[:n]
 ids = [tok(t)["input_ids"][:256] for t in raw]

@@ -32,14 +32,14 @@ _CHILD = """
 import contextlib, json, sys, time
 import torch
 from pathlib import Path
-from critical_weights import accumulate, models, texts
+from critical_weights import accumulate, models, texts, tokenization
 from critical_weights.params import ModelParams
 from critical_weights.progress import peak_memory_mib
 from critical_weights.recompute import checkpointed_blocks
 n, micro, budget, recompute = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 p = ModelParams()
 source = models.resolve_source(p.name)
-tok = models.load_tokenizer(source, p)
+tok = tokenization.load_tokenizer(source, p)
 raw = texts.read_texts(Path(sys.argv[5]))
 ids = sorted((tok(t)["input_ids"][:256] for t in raw), key=len, reverse=True)[:n]
 del tok

@@ -20,7 +20,7 @@ import torch
 
 from _cli import assert_error, earlier_run, invoke, snapshot, write_params_file
 from conftest import CORPUS, tiny_params
-from critical_weights import model_source, models
+from critical_weights import model_source, models, tokenization
 from critical_weights.errors import ModelError, TextsError
 from critical_weights.params import DEVICES, DTYPES, METRICS, PERTURBATIONS, RANK_MODES
 
@@ -446,7 +446,7 @@ def test_hub_id_in_the_local_cache_loads_offline(empty_hub_cache, monkeypatch, t
     params = dataclasses.replace(tiny_params(tiny_model_dir).model, name="someone/tiny")
     source = models.resolve_source("someone/tiny")
     assert (source.kind, source.local_only) == ("hub", True)
-    assert models.load_tokenizer(source, params)("the cat")["input_ids"]
+    assert tokenization.load_tokenizer(source, params)("the cat")["input_ids"]
     model = models.load_model(source, params, torch.device("cpu"), torch.float32)
     assert model.config.architectures == ["LlamaForCausalLM"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _gguf import write_tiny_gguf
-from critical_weights import gguf_cache, models
+from critical_weights import gguf_cache, models, tokenization
 from critical_weights.params import ModelParams
 
 TEXT = "Weights that matter: 3.14, naïve café, def f(x): return x"
@@ -26,7 +26,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 def _load(path: Path, dtype: torch.dtype = torch.float32):
     params = ModelParams(name=str(path), device="cpu")
     source = models.resolve_source(params.name)
-    return models.load_tokenizer(source, params), models.load_model(source, params, torch.device("cpu"), dtype)
+    return tokenization.load_tokenizer(source, params), models.load_model(source, params, torch.device("cpu"), dtype)
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

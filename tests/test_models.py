@@ -71,8 +71,8 @@ def test_pickle_only_folders_need_allow_pickle(tmp_path, tiny_model_dir):
     torch.save({}, folder / "pytorch_model.bin")
     source = models.resolve_source(str(folder))
     with pytest.raises(ModelError, match="holds only pickle weights"):
-        models._pretrained_kwargs(source, CPU)
-    kwargs = models._pretrained_kwargs(source, ModelParams(allow_pickle=True))
+        models.pretrained_kwargs(source, CPU)
+    kwargs = models.pretrained_kwargs(source, ModelParams(allow_pickle=True))
     assert kwargs == {"trust_remote_code": False, "use_safetensors": False}
 
 
@@ -80,5 +80,5 @@ def test_custom_code_never_runs_unasked(tiny_model_dir):
     source = models.ModelSource("m", "directory", str(tiny_model_dir),
                                 config={"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "mine.Model"}})
     with pytest.raises(ModelError, match=r"needs its own Python code \(mine.Model"):
-        models._pretrained_kwargs(source, CPU)
-    assert models._pretrained_kwargs(source, ModelParams(trust_remote_code=True))["trust_remote_code"] is True
+        models.pretrained_kwargs(source, CPU)
+    assert models.pretrained_kwargs(source, ModelParams(trust_remote_code=True))["trust_remote_code"] is True

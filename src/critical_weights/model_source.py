@@ -8,7 +8,9 @@
   network: one look-up with a short timeout pins the revision; offline, only the local cache).
 
 The weight files found are checked (`checkpoints`) before any loader sees them, and a config
-whose architecture is not a causal LM is refused. Loading is `critical_weights.models`.
+whose architecture is not a causal LM is refused. Loading is `critical_weights.models` (the
+weights) and `critical_weights.tokenization`; both tell `from_pretrained` what
+`pretrained_kwargs` says.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import pickle
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from critical_weights.checkpoints import check_weight_files
 from critical_weights.errors import ModelError, first_line
+from critical_weights.params import ModelParams
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +171,54 @@ def _check_causal(name: str, config: dict[str, Any]) -> None:
         f"model.name: {name} is a {what}, not a causal language model; expected an architecture "
         "such as LlamaForCausalLM (one that predicts the next token)"
     )
+
+
+def needs_remote_code(source: ModelSource) -> str | None:
+    """The custom class a config asks for, when transformers has no class of its own for it."""
+    config = source.config or {}
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    custom = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig")
+    if not custom:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # imports torch: only when asked
+
+    model_type = config.get("model_type")
+    return None if isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES else str(custom)
+
+
+def pretrained_kwargs(source: ModelSource, params: ModelParams) -> dict[str, Any]:
+    """What `from_pretrained` needs to read `source` as `params` allow: remote code, revision, no pickles."""
+    custom = needs_remote_code(source)
+    if custom and not params.trust_remote_code:
+        raise ModelError(
+            f"model.name: {source.name} needs its own Python code ({custom}, from auto_map in config.json), "
+            "which never runs unless model.trust_remote_code: true"
+        )
+    kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hub":
+        kwargs["revision"] = source.revision
+        kwargs["local_files_only"] = source.local_only
+    if source.kind == "directory":
+        has_safe = any(Path(source.location).glob("*.safetensors"))
+        if not has_safe and not params.allow_pickle:
+            raise ModelError(
+                f"model.name: {source.name} holds only pickle weights (pytorch_model.bin), which can run code; "
+                "convert them to safetensors or set model.allow_pickle: true"
+            )
+        kwargs["use_safetensors"] = has_safe
+    if source.kind == "hub" and not params.allow_pickle:
+        kwargs["use_safetensors"] = True  # never fall back to a pickle checkpoint unasked
+    return kwargs
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a tokenizer or checkpoint raises for bad files (not for bugs)."""
+    from huggingface_hub.errors import HTTPError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, EOFError, struct.error, pickle.UnpicklingError, SafetensorError, HTTPError)
+
+
+LOAD_ERRORS = _load_errors()

@@ -1,15 +1,13 @@
 """Loading and identifying the causal language model that `model_source` found.
 
 `resolve_source` (from `critical_weights.model_source`) says what `model.name` refers to;
-this module loads its tokenizer and model on the asked device and dtype, checks the weights
+this module loads the model on the asked device and dtype (`tokenization` its tokenizer), checks the weights
 are finite, and records the model's identity and implementations for the outputs.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,70 +17,12 @@ import torch
 from critical_weights import gguf_cache, kernels
 from critical_weights.errors import ModelError, ParamsError, first_line
 from critical_weights.layout import is_experts_module
-from critical_weights.model_source import ModelSource, resolve_source  # noqa: F401 - callers find and load through models
+from critical_weights.model_source import LOAD_ERRORS, ModelSource, pretrained_kwargs, resolve_source  # noqa: F401 - callers find and load through models
 from critical_weights.params import ModelParams
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _needs_remote_code(source: ModelSource) -> str | None:
-    """The custom class a config asks for, when transformers has no class of its own for it."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    config = source.config or {}
-    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
-    custom = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig")
-    model_type = config.get("model_type")
-    if custom and not (isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES):
-        return str(custom)
-    return None
-
-
-def _pretrained_kwargs(source: ModelSource, params: ModelParams) -> dict[str, Any]:
-    custom = _needs_remote_code(source)
-    if custom and not params.trust_remote_code:
-        raise ModelError(
-            f"model.name: {source.name} needs its own Python code ({custom}, from auto_map in config.json), "
-            "which never runs unless model.trust_remote_code: true"
-        )
-    kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
-    if source.gguf_file is not None:
-        kwargs["gguf_file"] = source.gguf_file
-    if source.kind == "hub":
-        kwargs["revision"] = source.revision
-        kwargs["local_files_only"] = source.local_only
-    if source.kind == "directory":
-        has_safe = any(Path(source.location).glob("*.safetensors"))
-        if not has_safe and not params.allow_pickle:
-            raise ModelError(
-                f"model.name: {source.name} holds only pickle weights (pytorch_model.bin), which can run code; "
-                "convert them to safetensors or set model.allow_pickle: true"
-            )
-        kwargs["use_safetensors"] = has_safe
-    if source.kind == "hub" and not params.allow_pickle:
-        kwargs["use_safetensors"] = True  # never fall back to a pickle checkpoint unasked
-    return kwargs
-
-
-def load_tokenizer(source: ModelSource, params: ModelParams) -> Any:
-    """The model's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    kwargs = _pretrained_kwargs(source, params)
-
-    def convert() -> Any:
-        gguf_cache.memoise_name_maps()
-        try:
-            return AutoTokenizer.from_pretrained(source.location, **kwargs)
-        except LOAD_ERRORS as err:
-            raise ModelError(f"model.name: cannot load a tokenizer from {source.name} ({first_line(err)})") from None
-
-    if source.gguf_file is None:
-        return convert()
-    cached = gguf_cache.cached_part(source.weight_files[0], "tokenizer", lambda tmp: convert().save_pretrained(tmp))
-    return AutoTokenizer.from_pretrained(cached) if cached is not None else convert()
 
 
 def resolve_device(params: ModelParams) -> tuple[torch.device, torch.dtype]:
@@ -208,7 +148,7 @@ def _cached_gguf_model(source: ModelSource, params: ModelParams) -> tuple[str, d
     conversion (built on first use); otherwise the source itself."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = _pretrained_kwargs(source, params)
+    kwargs = pretrained_kwargs(source, params)
     if source.gguf_file is None:
         return source.location, kwargs
 
@@ -229,14 +169,3 @@ def _cached_gguf_model(source: ModelSource, params: ModelParams) -> tuple[str, d
         gguf_cache.memoise_name_maps()
         return source.location, kwargs
     return str(cached), {"trust_remote_code": params.trust_remote_code, "use_safetensors": True}
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a tokenizer or checkpoint raises for bad files (not for bugs)."""
-    from huggingface_hub.errors import HTTPError
-    from safetensors import SafetensorError
-
-    return (OSError, ValueError, KeyError, EOFError, struct.error, pickle.UnpicklingError, SafetensorError, HTTPError)
-
-
-LOAD_ERRORS = _load_errors()

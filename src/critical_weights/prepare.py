@@ -7,7 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from critical_weights import models, texts
+from critical_weights import texts, tokenization
+from critical_weights.model_source import resolve_source
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
 from critical_weights.progress import Timings
@@ -20,7 +21,7 @@ def run_prepare(source: Path, params: Params, out: Path, timings: Timings) -> No
     with timings.phase("read texts"):
         raw = texts.read_texts(source)
     with timings.phase("load tokenizer"):
-        tokenizer = models.load_tokenizer(models.resolve_source(params.model.name), params.model)
+        tokenizer = tokenization.load_tokenizer(resolve_source(params.model.name), params.model)
     with timings.phase("tokenise"):
         prepared = texts.prepare_texts(
             raw, params.texts.n_texts, params.texts.max_length, params.seed,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from critical_weights.accumulate import Accumulators
+from critical_weights.errors import NumericalError
 from critical_weights.metrics import REGISTRY
 
 CHUNK_ELEMENTS = 1 << 26  # 64M scores (256 MiB float32) at a time on a GPU
@@ -79,45 +80,51 @@ def row_chunks(n_rows: int, n_cols: int, device: torch.device = torch.device("cp
 SAMPLE_PER_K = 32  # `_at_or_above_a_sample` draws this many values per kept candidate
 
 
-def _at_or_above_a_sample(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A subset of (values, index) that holds the k largest values and every tie of the k-th.
+def _at_or_above_a_sample(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The positions (ascending) of a subset of `values` that holds the k largest values and
+    every tie of the k-th, or None where no subset was taken.
 
     A seeded random sample gives a threshold t that about 2k values should reach; if at least
-    k do, every one of the k largest is >= t, so the subset of values >= t loses none of
-    them (and none of their ties). Else, or with NaN about, the whole of them. Either way the
-    result of `top_k_stable` is the same; the subset only spares topk a pass over n values."""
+    k do, every one of the k largest is >= t, so the values >= t lose none of them (and none
+    of their ties). Either way the result of `top_k_stable` is the same; the subset only
+    spares topk a pass over n values."""
     n = values.numel()
     m = SAMPLE_PER_K * k
-    if n < 4 * m or bool(torch.isnan(values).any()):
-        return values, index
+    if n < 4 * m:
+        return None
     gen = torch.Generator(device=values.device).manual_seed(0)
     sample = values[torch.randint(n, (m,), generator=gen, device=values.device)]  # (m,)
     j = min(m, 2 * k * m // n + 1)  # the sample's j-th largest: about j * n / m = 2k of the n values reach it
     threshold = torch.topk(sample, j, sorted=False).values.min()
-    keep = values >= threshold
-    if int(torch.count_nonzero(keep)) < k:
-        return values, index
-    return values[keep], index[keep]
+    pos = (values >= threshold).nonzero().squeeze(1)  # (p,) ascending
+    return pos if pos.numel() >= k else None
 
 
-def top_k_stable(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values, ties broken by smaller index; returned in that order.
 
-    values (n,) float32, index (n,) int64 and unique. Exact: every value above the k-th
-    is kept, and among values equal to it, the smallest indices.
+    values (n,) float32 without NaN (`_Running.add` refuses NaN scores); index (n,) int64
+    and unique, or an int: the index of values[0], the others following it one by one.
+    Exact: every value above the k-th is kept, and among values equal to it, the smallest
+    indices.
     """
     k = min(k, values.numel())
-    values, index = _at_or_above_a_sample(values, index, k)
+    pos = _at_or_above_a_sample(values, k)
+    if isinstance(index, int):
+        index = pos + index if pos is not None else torch.arange(index, index + values.numel(), device=values.device)
+    elif pos is not None:
+        index = index[pos]
+    if pos is not None:
+        values = values[pos]
     top, pos = torch.topk(values, k, sorted=False)
     threshold = top.min()
     n_at = int(torch.count_nonzero(values == threshold))
-    if n_at == 0 or n_at != int(torch.count_nonzero(top == threshold)):
-        # topk cut through a tie (or met NaN): keep the values above, then the ties of smallest index
-        above = values > threshold
-        n_above = int(above.sum())
-        at = (values == threshold).nonzero().squeeze(1)  # positions, ascending
-        at = at[torch.argsort(index[at], stable=True)][: k - n_above]
-        pos = torch.cat([above.nonzero().squeeze(1), at])
+    if n_at != int(torch.count_nonzero(top == threshold)):
+        # topk cut through a tie: keep the values above, then the ties of smallest index
+        above = (values > threshold).nonzero().squeeze(1)
+        at = (values == threshold).nonzero().squeeze(1)  # (n_at,) positions
+        at = at[torch.topk(index[at], k - above.numel(), largest=False, sorted=False).indices]
+        pos = torch.cat([above, at])
     # else topk kept every value equal to the k-th, so its positions are already the exact set
     pos = pos[torch.argsort(index[pos], stable=True)]  # index ascending...
     pos = pos[torch.argsort(values[pos], descending=True, stable=True)]  # ...then score descending
@@ -157,8 +164,10 @@ def log10_bin(scores: torch.Tensor) -> torch.Tensor:
 class _Running:
     """Chunk-wise accumulation of the summary (Chan's parallel mean/variance in float64)."""
 
-    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int = 0):
+    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int = 0,
+                 what: str = "scores"):
         self.keep = keep
+        self.what = what  # for errors: "parameter <name>: <metric> scores"
         self.n_experts = n_experts
         self.expert_sum = torch.zeros(n_experts, dtype=torch.float64, device=device)
         self.expert_max = torch.full((n_experts,), -np.inf, dtype=torch.float64, device=device)
@@ -182,11 +191,15 @@ class _Running:
     def add(self, s: torch.Tensor, rows: slice) -> None:
         # s (r, cols) float32 scores for rows `rows`
         flat = s.reshape(-1)
-        index = torch.arange(rows.start * self.n_cols, rows.stop * self.n_cols, device=s.device)
-        v, i = top_k_stable(flat, index, self.keep)
+        chunk_max = flat.max()  # NaN if any score is NaN
+        if bool(chunk_max.isnan()):
+            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (an infinite accumulator "
+                                 "times a zero weight or norm), and NaN has no rank; try model.dtype float32")
+        start = rows.start * self.n_cols  # flat index of the chunk's first score
+        v, i = top_k_stable(flat, start, self.keep)
         self.cand_v.append(v)
         self.cand_i.append(i)
-        v, i = top_k_stable(flat.neg(), index, self.keep)  # smallest scores, ties by index
+        v, i = top_k_stable(flat.neg(), start, self.keep)  # smallest scores, ties by index
         self.low_v.append(v)
         self.low_i.append(i)
         n_c = flat.numel()
@@ -199,7 +212,7 @@ class _Running:
         self.n = n_new
         self.total += mean_c * n_c
         self.lo = torch.minimum(self.lo, flat.min())
-        self.hi = torch.maximum(self.hi, flat.max())
+        self.hi = torch.maximum(self.hi, chunk_max)
         zeros, negatives = torch.count_nonzero(flat == 0), torch.count_nonzero(flat < 0)
         self.zeros += zeros
         self.negatives += negatives
@@ -244,7 +257,7 @@ def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, k
     `n_experts` > 0: the tensor's leading axis is the expert, and each expert's sum and max
     are kept too."""
     n_rows, n_cols = as_matrix(weight).shape
-    run = _Running(n_rows, n_cols, keep, weight.device, n_experts)
+    run = _Running(n_rows, n_cols, keep, weight.device, n_experts, what=f"parameter {name}: {metric} scores")
     for rows in row_chunks(n_rows, n_cols, weight.device):
         s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
         run.add(s, rows)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from critical_weights import distributed, layout, models, scoring, shards, texts
+from critical_weights import distributed, layout, models, scoring, shards, texts, tokenization
 from critical_weights.errors import out_of_memory
 from critical_weights.outputs import atomic_path
 from critical_weights.params import Params
@@ -81,10 +81,8 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     if not distributed.is_main():
         return  # every process holds the all-reduced sums; the first one writes them
     if isinstance(tokenizer, Path):
-        from transformers import AutoTokenizer
-
         with timings.phase("load tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = tokenization.load_saved(tokenizer)
     with timings.phase("score and write"), atomic_path(out) as tmp:
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from critical_weights import models, shards, texts, weight_ranks
+from critical_weights import models, shards, texts, tokenization, weight_ranks
 from critical_weights.damage import TextSets
 from critical_weights.errors import NumericalError, ShardError
 from critical_weights.evaluation import load_checked, mean_loss
@@ -201,8 +201,6 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
     """Detect the candidates and the massive activations, rank them against the gradients,
     zero them and the controls, and write the JSON report, the per-block CSV and the PNG
     (and, with `metrics_path`, the short headline that DVC shows as metrics)."""
-    from transformers import AutoTokenizer
-
     from critical_weights import superweights_report as rep
     from critical_weights.superweights_damage import Meter, damage
 
@@ -215,7 +213,7 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
                 raise ShardError(f"superweights.{key}: {value} exceeds the shards' sensitivity.keep {keep}; "
                                  f"lower superweights.{key} or raise sensitivity.keep")
         top = weight_ranks.top_weights(sensitivity, params.rank, max(sp.top_k, sp.max_candidates))
-        tokenizer = AutoTokenizer.from_pretrained(prepared / texts.TOKENIZER_DIR)
+        tokenizer = tokenization.load_saved(prepared / texts.TOKENIZER_DIR)
         prompt = prompt_ids(tokenizer, sp.prompt)
         input_ids, _ = texts.read_prepared(prepared)
         measured = [input_ids[i] for i in texts.choose(len(input_ids), sp.n_texts or len(input_ids), params.seed,
