@@ -117,7 +117,8 @@ def run_rank(sensitivity: Path, params: RankParams, out: Path) -> None:
 def read_ranked(folder: Path) -> tuple[pa.Table, dict[str, Any]]:
     path = folder / RANKED_FILE
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as file:
+            table = file.read()
         info = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShardError(f"ranked file {path} is missing; run the rank stage (dvc repro)") from None
