@@ -2,7 +2,7 @@
 `keep` candidates per tensor and metric) holding random scores, then rank, export and plot,
 which never use the GPU, so their cost at the 8B scale can be measured on any machine.
 
-The rows are built by the library's own builders (`sensitivity.candidate_columns`,
+The rows are built by the library's own builders (`sensitivity.candidate_table`,
 `sensitivity.stats_row`, `sensitivity.shards_meta`) and written by `shards`, one parameter at a
 time, so the time this takes is the host-side share of "score and write"."""
 
@@ -39,9 +39,11 @@ def random_summary(rng: np.random.Generator, numel: int, grid: tuple[int, int], 
 
 def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any, prep_meta: dict[str, str]) -> None:
     """Shards of SIZE's shape with random scores, for every metric of `params` (a Params)."""
+    import pyarrow as pa
+
     from critical_weights import layout, scoring, shards
     from critical_weights.accumulate import scored_parameters
-    from critical_weights.sensitivity import candidate_columns, shards_meta, stats_row
+    from critical_weights.sensitivity import candidate_table, shards_meta, stats_row
 
     model = build_model(size, torch.device("meta"), torch.float32, params.seed)
     token_rows = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
@@ -51,22 +53,21 @@ def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any,
     rng = np.random.default_rng(params.seed)
     folder.mkdir(parents=True)
     stats = []
+    candidates = shards.CandidateWriter(folder)
     for index, (name, shape, is_token) in enumerate(scored):
         n_rows, n_cols = scoring.as_matrix(torch.empty(shape, device="meta")).shape
-        top: dict[str, list] = {}
-        bottom: dict[str, list] = {}
+        top: list = []
+        bottom: list = []
         for metric in params.sensitivity.metrics:
             s = random_summary(rng, n_rows * n_cols, (min(scoring.GRID, n_rows), min(scoring.GRID, n_cols)),
                                params.sensitivity.keep)
             for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
                 weight = rng.normal(0, INIT_STD, len(i)).astype(np.float32)
                 gradient = rng.normal(0, 1e-6, len(i)).astype(np.float32)
-                for key, values in candidate_columns(metric, i, v, weight, gradient, places[name],
-                                                     tokenizer if is_token else None).items():
-                    store.setdefault(key, []).extend(values)
+                store.append(candidate_table(metric, i, v, weight, gradient, places[name], tokenizer if is_token else None))
             stats.append(stats_row(index, places[name], is_token, metric, s))
-        shards.write_candidates(folder, index, name, top)
-        shards.write_candidates(folder, index, name, bottom, kind="bottom")
+        candidates.add(pa.concat_tables(top), pa.concat_tables(bottom))
+    candidates.close()
     shards.write_stats(folder, stats)
     n_tokens = int(prep_meta["n_tokens"]) - int(prep_meta["n_texts"])
     extra = {"model": {"name": f"synthetic {size}"}, "text_sha256": prep_meta["text_sha256"], "prepare": prep_meta}

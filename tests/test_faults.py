@@ -145,20 +145,20 @@ def test_keyboard_interrupt_is_one_line_and_leaves_no_half_output(run, untouched
     if where == "forward":
         monkeypatch.setattr(sens_lib, "final_hidden", _raise(KeyboardInterrupt()))
     else:  # after some shards of the new output are already written
-        monkeypatch.setattr(shards, "write_candidates", _raise(KeyboardInterrupt(), shards.write_candidates, after=3))
+        monkeypatch.setattr(shards.CandidateWriter, "add", _raise(KeyboardInterrupt(), shards.CandidateWriter.add, after=3))
     assert_error(_sensitivity(run, run / "params.yaml"), "interrupted; no output was left half-written")
 
 
 def test_full_disk_is_one_line(run, untouched, monkeypatch):
-    full = run / "sensitivity" / "candidates" / "0000-model.embed_tokens.weight.parquet"
-    monkeypatch.setattr(shards, "write_candidates", _raise(OSError(errno.ENOSPC, "No space left on device", str(full))))
+    full = run / "sensitivity" / "candidates.parquet"
+    monkeypatch.setattr(shards.CandidateWriter, "add", _raise(OSError(errno.ENOSPC, "No space left on device", str(full))))
     assert_error(_sensitivity(run, run / "params.yaml"),
                  f"{full}: No space left on device; free some space and rerun (no output was left half-written)")
 
 
 def test_other_os_errors_keep_their_traceback(run, untouched, monkeypatch):
     """An OSError the machine does not explain (here ENOENT) may be a bug: it is not hidden."""
-    monkeypatch.setattr(shards, "write_candidates", _raise(FileNotFoundError(errno.ENOENT, "No such file", "x")))
+    monkeypatch.setattr(shards.CandidateWriter, "add", _raise(FileNotFoundError(errno.ENOENT, "No such file", "x")))
     result = _sensitivity(run, run / "params.yaml")
     assert isinstance(result.exception, FileNotFoundError)
 
@@ -207,7 +207,7 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0, poll
 def _writing(folder: Path, name: str):
     """The pid of a process half-way through writing `folder/name`, from its temporary sibling."""
     for tmp in folder.glob(f".{name}.*.tmp"):
-        if any((tmp / name / "candidates").glob("*.parquet")):
+        if (tmp / name / "candidates.parquet").is_file():  # scoring has begun
             return int(tmp.name.split(".")[2])
     return None
 
@@ -304,7 +304,7 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(run, tmp_path):
 
 
 def _first(folder: Path, kind: str = "candidates") -> Path:
-    return sorted((folder / kind).glob("*.parquet"))[0]
+    return folder / f"{kind}.parquet"
 
 
 def _missing(path: Path) -> None:

@@ -230,7 +230,7 @@ def test_missing_or_foreign_shards_raise_shard_error(tmp_path):
     with pytest.raises(ShardError, match=r"meta.json is missing; rerun the sensitivity stage \(dvc repro\)$"):
         run_rank(tmp_path, RankParams(), tmp_path / "r")
     (tmp_path / "meta.json").write_text('{"format": "other"}', encoding="utf-8")
-    with pytest.raises(ShardError, match=r"is not a critical-weights/sensitivity/2 file; rerun the sensitivity stage"):
+    with pytest.raises(ShardError, match=r"is not a critical-weights/sensitivity/3 file; rerun the sensitivity stage"):
         run_rank(tmp_path, RankParams(), tmp_path / "r")
 
 
@@ -248,17 +248,20 @@ def test_ranking_twice_gives_identical_files(dense_shards, tmp_path):
 def write_synthetic_shards(folder: Path, scores: dict[str, np.ndarray], keep: int, metric: str = "grad_x_weight") -> None:
     """Shards as the sensitivity stage would write them, from given score matrices."""
     stats = []
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = shards.CandidateWriter(folder)
     for index, (name, s) in enumerate(scores.items()):
         n_rows, n_cols = s.shape
         flat = s.reshape(-1).astype(np.float32)
         order = np.lexsort((np.arange(flat.size), -flat.astype(np.float64)))[:keep]
-        shards.write_candidates(folder, index, name, {
-            "metric": [metric] * len(order), "rank": list(range(1, len(order) + 1)),
+        top = pa.table({
+            "parameter": [name] * len(order), "metric": [metric] * len(order), "rank": list(range(1, len(order) + 1)),
             "flat_index": order.tolist(), "expert": [None] * len(order),
             "row": (order // n_cols).tolist(), "col": (order % n_cols).tolist(),
             "score": flat[order].tolist(), "weight": [1.0] * len(order), "gradient": flat[order].tolist(),
             "token": [None] * len(order),
-        })
+        }, schema=shards.CANDIDATE_SCHEMA)
+        writer.add(top, top.slice(0, 0))  # no bottom candidates: ranking never reads them
         shards.write_dense(folder, index, name, {metric: flat})
         stats.append({
             "param_index": index, "parameter": name, **dict(zip(("block", "component"), brute_place(name))),
@@ -268,6 +271,7 @@ def write_synthetic_shards(folder: Path, scores: dict[str, np.ndarray], keep: in
             "zeros": int((flat == 0).sum()), "negatives": int((flat < 0).sum()), "hist": [0] * 300,
             "grid_rows": 1, "grid_cols": 1, "grid": [float(flat.max())], "expert_sum": [], "expert_max": [],
         })
+    writer.close()
     shards.write_stats(folder, stats)
     shards.write_meta(folder, {"metrics": [metric], "keep": keep, "params": {},
                                "hist_log10_edges": {"low": -24, "high": 6, "per_decade": 10}})

@@ -148,14 +148,14 @@ def test_top_k_stable_equals_brute_force_with_many_ties(seed, k):
     np.testing.assert_array_equal(i.numpy(), ei)
 
 
-@pytest.mark.parametrize("kind", ["continuous", "ties", "negative", "inf", "skewed"])
-def test_top_k_stable_past_the_sample_prefilter_equals_brute_force(kind, monkeypatch):
-    """Chunks of at least 4 x SAMPLE_PER_K x k values go through `_at_or_above_a_sample`
-    first; it must never change the result, whatever the values (ties at the cut, negatives,
-    infinities, or a few huge values that a sample misses). NaN never gets here: see
-    test_nan_scores_are_refused_with_parameter_and_metric."""
+@pytest.mark.parametrize("kind", ["continuous", "ties", "negative", "inf", "skewed", "sorted", "tied_blocks"])
+def test_top_k_stable_past_the_block_prefilter_equals_brute_force(kind, monkeypatch):
+    """Chunks of at least 4 x k blocks go through `_in_top_blocks` first; it must never change
+    the result, whatever the values (ties at the cut, negatives, infinities, a few huge
+    values, the largest all in one place, or block maxima that tie everywhere). NaN never
+    gets here: see test_nan_scores_are_refused_with_parameter_and_metric."""
     rng = np.random.default_rng(3)
-    n, k = 200_000, 1000
+    n, k = 200_000 + 77, 100  # a tail past the last whole block
     values = rng.standard_normal(n).astype(np.float32)
     if kind == "ties":
         values = rng.integers(0, 40, size=n).astype(np.float32)  # ~5,000 values per level
@@ -166,15 +166,29 @@ def test_top_k_stable_past_the_sample_prefilter_equals_brute_force(kind, monkeyp
         values[rng.choice(n, 20, replace=False)] = -np.inf
     elif kind == "skewed":
         values[rng.choice(n, 3 * k, replace=False)] = 1e6  # 3k equal maxima
-    assert n >= 4 * scoring.SAMPLE_PER_K * k
+    elif kind == "sorted":
+        values = np.sort(values)  # the top k all in the last blocks and the tail
+    elif kind == "tied_blocks":
+        values = rng.integers(0, 3, size=n).astype(np.float32)  # every block's max is 2: no subset
+    assert n // scoring.BLOCK >= 4 * k
     index = rng.permutation(n).astype(np.int64)
-    v, i = top_k_stable(torch.from_numpy(values), torch.from_numpy(index), k)
-    monkeypatch.setattr(scoring, "SAMPLE_PER_K", n)  # no prefilter: the plain path
-    pv, pi = top_k_stable(torch.from_numpy(values), torch.from_numpy(index), k)
-    assert torch.equal(v, pv) and torch.equal(i, pi)
-    ev, ei = brute_top(values, index, k)
-    np.testing.assert_array_equal(v.numpy(), ev)
-    np.testing.assert_array_equal(i.numpy(), ei)
+    for given in (torch.from_numpy(index), 1000):  # scattered indices, or consecutive from 1000
+        v, i = top_k_stable(torch.from_numpy(values), given, k)
+        monkeypatch.setattr(scoring, "BLOCK", n)  # one block: no prefilter, the plain path
+        pv, pi = top_k_stable(torch.from_numpy(values), given, k)
+        monkeypatch.undo()
+        assert torch.equal(v, pv) and torch.equal(i, pi)
+        ev, ei = brute_top(values, given.numpy() if isinstance(given, torch.Tensor) else np.arange(n) + given, k)
+        np.testing.assert_array_equal(v.numpy(), ev)
+        np.testing.assert_array_equal(i.numpy(), ei)
+
+
+def test_block_prefilter_keeps_few_values():
+    """The subset is what spares the time: about k blocks, not the whole chunk."""
+    values = torch.from_numpy(np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32))
+    pos = scoring._in_top_blocks(values, 100)
+    assert pos is not None and 100 * scoring.BLOCK <= pos.numel() <= 110 * scoring.BLOCK
+    assert torch.equal(pos, pos.sort().values)
 
 
 def test_nan_scores_are_refused_with_parameter_and_metric():

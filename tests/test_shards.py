@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,24 +20,13 @@ META = {"metrics": ["grad_x_weight", "magnitude"], "keep": 3, "params": {"seed":
         "hist_log10_edges": {"low": -12, "high": 4, "per_decade": 4}}
 
 
-def candidate_columns(metric_rows: dict[str, list[tuple[int, float]]], n_cols: int) -> dict[str, list]:
-    """CANDIDATE_SCHEMA columns (less parameter) from (flat_index, score) pairs per metric."""
-    cols: dict[str, list] = {k: [] for k in ("metric", "rank", "flat_index", "row", "col", "score", "weight",
-                                              "gradient", "token")}
-    for metric, rows in metric_rows.items():
-        for rank, (flat, score) in enumerate(rows, start=1):
-            cols["metric"].append(metric)
-            cols["rank"].append(rank)
-            cols["flat_index"].append(flat)
-            cols["row"].append(flat // n_cols)
-            cols["col"].append(flat % n_cols)
-            cols["score"].append(score)
-            cols["weight"].append(score / 2)
-            cols["gradient"].append(-score)
-            cols["token"].append(None)
-    # columns this test does not set (added to the schema later, say) are left empty
-    n = len(cols["metric"])
-    return {**{f: [None] * n for f in shards.CANDIDATE_SCHEMA.names if f != "parameter"}, **cols}
+def candidate_table(parameter: str, metric_rows: dict[str, list[tuple[int, float]]], n_cols: int) -> pa.Table:
+    """CANDIDATE_SCHEMA rows of one parameter from (flat_index, score) pairs per metric."""
+    rows = [{"parameter": parameter, "metric": metric, "rank": rank, "flat_index": flat, "expert": None,
+             "row": flat // n_cols, "col": flat % n_cols, "score": score, "weight": score / 2, "gradient": -score,
+             "token": None}
+            for metric, pairs in metric_rows.items() for rank, (flat, score) in enumerate(pairs, start=1)]
+    return pa.Table.from_pylist(rows, schema=shards.CANDIDATE_SCHEMA)
 
 
 def stats_row(index: int, parameter: str, metric: str) -> dict:
@@ -50,11 +40,10 @@ def stats_row(index: int, parameter: str, metric: str) -> dict:
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """Two parameters, two metrics: candidates, bottom, stats and meta."""
-    for index, name in enumerate(["b.weight", "a.weight"]):  # parameter order is param_index, not the name
-        shards.write_candidates(tmp_path, index, name, candidate_columns(
-            {"grad_x_weight": [(5, 3.0), (0, 2.0)], "magnitude": [(1, 1.5)]}, n_cols=3))
-        shards.write_candidates(tmp_path, index, name, candidate_columns({"grad_x_weight": [(2, 0.0)]}, 3),
-                                kind="bottom")
+    with shards.CandidateWriter(tmp_path) as writer:
+        for name in ["b.weight", "a.weight"]:  # parameter order is param_index, not the name
+            writer.add(candidate_table(name, {"grad_x_weight": [(5, 3.0), (0, 2.0)], "magnitude": [(1, 1.5)]}, n_cols=3),
+                       candidate_table(name, {"grad_x_weight": [(2, 0.0)]}, 3))
     shards.write_stats(tmp_path, [stats_row(i, n, m) for i, n in enumerate(["b.weight", "a.weight"])
                                   for m in META["metrics"]])
     shards.write_meta(tmp_path, META)
@@ -129,19 +118,27 @@ def test_a_shard_with_the_right_columns_but_other_types_is_foreign(tmp_path):
     assert "has a foreign schema" in str(info.value) and shards.FORMAT in str(info.value)
 
 
-def test_a_missing_parameter_shard_names_the_file(folder):
+def test_a_parameter_missing_from_the_candidates_is_named(folder):
     stats = shards.read_stats(folder)
-    missing = folder / "candidates" / shards.shard_name(1, "a.weight")
-    missing.unlink()
+    path = folder / "candidates.parquet"
+    kept = pq.read_table(path)
+    pq.write_table(kept.filter(pc.equal(kept["parameter"], "b.weight")), path)  # a.weight's rows are gone
     with pytest.raises(ShardError) as info:
         shards.read_candidates(folder, stats, "grad_x_weight")
-    assert str(info.value) == f"shard {missing} is missing; rerun the sensitivity stage (dvc repro)"
+    assert str(info.value) == (f"shard {path} lacks the grad_x_weight candidates of a.weight; "
+                               "rerun the sensitivity stage (dvc repro)")
+    path.unlink()
+    with pytest.raises(ShardError, match=f"shard {path} is missing; rerun the sensitivity stage"):
+        shards.read_candidates(folder, stats, "grad_x_weight")
 
 
 def test_the_same_table_gives_the_same_bytes(tmp_path):
     """Shards are outputs DVC hashes: writing the same rows twice gives identical files."""
-    cols = candidate_columns({"grad_x_weight": [(4, 1.0), (1, 0.5)]}, n_cols=2)
-    shards.write_candidates(tmp_path / "one", 0, "w", cols)
-    shards.write_candidates(tmp_path / "two", 0, "w", cols)
-    name = shards.shard_name(0, "w")
-    assert (tmp_path / "one" / "candidates" / name).read_bytes() == (tmp_path / "two" / "candidates" / name).read_bytes()
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+        with shards.CandidateWriter(tmp_path / run) as writer:
+            for name in ("w", "v"):
+                writer.add(candidate_table(name, {"grad_x_weight": [(4, 1.0), (1, 0.5)]}, n_cols=2),
+                           candidate_table(name, {"grad_x_weight": [(0, 0.0)]}, n_cols=2))
+    for kind in shards.KINDS:
+        assert (tmp_path / "one" / f"{kind}.parquet").read_bytes() == (tmp_path / "two" / f"{kind}.parquet").read_bytes()

@@ -77,27 +77,29 @@ def row_chunks(n_rows: int, n_cols: int, device: torch.device = torch.device("cp
         yield slice(start, min(n_rows, start + step))
 
 
-SAMPLE_PER_K = 32  # `_at_or_above_a_sample` draws this many values per kept candidate
+BLOCK = 128  # `_in_top_blocks` splits a chunk into runs of this many scores
 
 
-def _at_or_above_a_sample(values: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The positions (ascending) of a subset of `values` that holds the k largest values and
-    every tie of the k-th, or None where no subset was taken.
+def _in_top_blocks(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Positions (ascending) of a subset of `values` that holds the k largest values and every
+    tie of the k-th, or None where no subset is worth taking.
 
-    A seeded random sample gives a threshold t that about 2k values should reach; if at least
-    k do, every one of the k largest is >= t, so the values >= t lose none of them (and none
-    of their ties). Either way the result of `top_k_stable` is the same; the subset only
-    spares topk a pass over n values."""
-    n = values.numel()
-    m = SAMPLE_PER_K * k
-    if n < 4 * m:
+    Split the values into blocks of BLOCK and let t be the k-th largest block maximum: k
+    blocks hold a value >= t, so the k-th largest value is >= t, and every value that can be
+    in the result lies in a block whose maximum is >= t (or in the short tail past the last
+    whole block). Those blocks are about k of the n / BLOCK, so topk then sees about k x BLOCK
+    values instead of n, and the result of `top_k_stable` is the same."""
+    n_blocks = values.numel() // BLOCK
+    if k < 1 or n_blocks < 4 * k:
         return None
-    gen = torch.Generator(device=values.device).manual_seed(0)
-    sample = values[torch.randint(n, (m,), generator=gen, device=values.device)]  # (m,)
-    j = min(m, 2 * k * m // n + 1)  # the sample's j-th largest: about j * n / m = 2k of the n values reach it
-    threshold = torch.topk(sample, j, sorted=False).values.min()
-    pos = (values >= threshold).nonzero().squeeze(1)  # (p,) ascending
-    return pos if pos.numel() >= k else None
+    block_max = values[: n_blocks * BLOCK].view(n_blocks, BLOCK).amax(dim=1)  # (n_blocks,)
+    threshold = torch.topk(block_max, k, sorted=False).values.min()
+    blocks = (block_max >= threshold).nonzero().squeeze(1)  # (>= k,), more where block maxima tie
+    if blocks.numel() > n_blocks // 4:
+        return None  # the maxima tie too widely for a subset to spare much
+    within = torch.arange(BLOCK, device=values.device)
+    tail = torch.arange(n_blocks * BLOCK, values.numel(), device=values.device)
+    return torch.cat([(blocks.unsqueeze(1) * BLOCK + within).reshape(-1), tail])
 
 
 def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +111,7 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tup
     indices.
     """
     k = min(k, values.numel())
-    pos = _at_or_above_a_sample(values, k)
+    pos = _in_top_blocks(values, k)
     if isinstance(index, int):
         index = pos + index if pos is not None else torch.arange(index, index + values.numel(), device=values.device)
     elif pos is not None:
@@ -191,7 +193,7 @@ class _Running:
     def add(self, s: torch.Tensor, rows: slice) -> None:
         # s (r, cols) float32 scores for rows `rows`
         flat = s.reshape(-1)
-        chunk_max = flat.max()  # NaN if any score is NaN
+        chunk_min, chunk_max = torch.aminmax(flat)  # both NaN if any score is NaN
         if bool(chunk_max.isnan()):
             raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (an infinite accumulator "
                                  "times a zero weight or norm), and NaN has no rank; try model.dtype float32")
@@ -211,9 +213,11 @@ class _Running:
         self.m2 += m2_c + delta * delta * self.n * n_c / n_new
         self.n = n_new
         self.total += mean_c * n_c
-        self.lo = torch.minimum(self.lo, flat.min())
+        self.lo = torch.minimum(self.lo, chunk_min)
         self.hi = torch.maximum(self.hi, chunk_max)
-        zeros, negatives = torch.count_nonzero(flat == 0), torch.count_nonzero(flat < 0)
+        low = float(chunk_min)  # most metrics are >= 0, and many chunks > 0: no pass to count what is not there
+        zeros = torch.count_nonzero(flat == 0) if low <= 0 else 0
+        negatives = torch.count_nonzero(flat < 0) if low < 0 else 0
         self.zeros += zeros
         self.negatives += negatives
         self.hist += torch.bincount(log10_bin(flat), minlength=N_BINS)

@@ -10,9 +10,10 @@ import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from critical_weights import distributed, layout, models, scoring, shards, texts, tokenization
@@ -84,20 +85,24 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         with timings.phase("load tokenizer"):
             tokenizer = tokenization.load_saved(tokenizer)
     with timings.phase("score and write"), atomic_path(out) as tmp:
+        tmp.mkdir()
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])
 
-        def score(item: tuple[int, tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+        def score(item: tuple[int, tuple[str, torch.Tensor]]) -> Scored:
             index, (name, weight) = item
             return _score_parameter(tmp, index, name, weight, places[name], acc, params, skipped,
                                     tokenizer if id(weight) in token_rows else None)
 
-        # two parameters at a time: small tensors leave a core idle, and Parquet writing overlaps
-        # the next tensor's scores; each parameter's result is the same bits, gathered in order
+        # two parameters at a time: small tensors leave a core idle, and writing overlaps the
+        # next tensor's scores; each parameter's result is the same bits, written in order
         pool = ThreadPoolExecutor(SCORING_THREADS)
         try:
-            for rows in progress(pool.map(score, enumerate(params_list)), "scoring parameters", len(params_list)):
-                stats += rows
+            with shards.CandidateWriter(tmp) as candidates:
+                for scored in progress(pool.map(score, enumerate(params_list)), "scoring parameters", len(params_list)):
+                    if scored.stats:
+                        stats += scored.stats
+                        candidates.add(scored.top, scored.bottom)
         finally:
             pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, start no other parameter
         shards.write_stats(tmp, stats)
@@ -149,34 +154,44 @@ def stats_row(index: int, place: layout.TensorLayout, token_rows: bool, metric: 
     }
 
 
-def candidate_columns(metric: str, index: np.ndarray, score: np.ndarray, weight: np.ndarray, gradient: np.ndarray,
-                      place: layout.TensorLayout, tokenizer: Any) -> dict[str, list]:
-    """Candidate rows (CANDIDATE_SCHEMA, less parameter) for flat indices `index`, in order;
-    `weight` and `gradient` are the (k,) float32 values at those indices. (expert, row, col)
-    come from the tensor's layout: row is the output unit, col the input feature."""
+def candidate_table(metric: str, index: np.ndarray, score: np.ndarray, weight: np.ndarray, gradient: np.ndarray,
+                    place: layout.TensorLayout, tokenizer: Any) -> pa.Table:
+    """Candidate rows (CANDIDATE_SCHEMA) for flat indices `index`, in order, ranked from 1;
+    `score`, `weight` and `gradient` are the (k,) float32 values at those indices. (expert,
+    row, col) come from the tensor's layout: row is the output unit, col the input feature."""
     expert, rows, cols = place.coordinates(index)
-    rows = rows.tolist()
-    return {
-        "metric": [metric] * len(index),
-        "rank": list(range(1, len(index) + 1)),
-        "flat_index": index.tolist(),
-        "expert": expert.tolist() if expert is not None else [None] * len(index),
+    n = len(index)
+    return pa.table({
+        "parameter": pa.repeat(place.parameter, n),
+        "metric": pa.repeat(metric, n),
+        "rank": np.arange(1, n + 1, dtype=np.int32),
+        "flat_index": np.asarray(index, dtype=np.int64),
+        "expert": expert.astype(np.int32) if expert is not None else pa.nulls(n, pa.int32()),
         "row": rows,
-        "col": cols.tolist(),
-        "score": score.tolist(),
-        "weight": weight.tolist(),
-        "gradient": gradient.tolist(),
-        "token": [tokenizer.decode([r]) for r in rows] if tokenizer is not None else [None] * len(index),
-    }
+        "col": cols,
+        "score": np.asarray(score, dtype=np.float32),
+        "weight": np.asarray(weight, dtype=np.float32),
+        "gradient": np.asarray(gradient, dtype=np.float32),
+        "token": [tokenizer.decode([r]) for r in rows.tolist()] if tokenizer is not None else pa.nulls(n, pa.string()),
+    }, schema=shards.CANDIDATE_SCHEMA)
+
+
+class Scored(NamedTuple):
+    """One parameter's results: its stats rows and its top and bottom candidates."""
+
+    stats: list[dict[str, Any]]
+    top: pa.Table
+    bottom: pa.Table
 
 
 def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, place: layout.TensorLayout,
-                     acc, params: Params, skipped: dict[str, str], tokenizer: Any) -> list[dict[str, Any]]:
-    """Score one parameter with every metric, write its shards, return its stats rows."""
+                     acc, params: Params, skipped: dict[str, str], tokenizer: Any) -> Scored:
+    """Score one parameter with every metric (writing its dense shard, if asked) and free its
+    accumulators."""
     w_flat = weight.detach().reshape(-1)
     g_flat = acc.grad[name].reshape(-1)
-    top: dict[str, list] = {}
-    bottom: dict[str, list] = {}
+    top: list[pa.Table] = []
+    bottom: list[pa.Table] = []
     stats, dense = [], {}
     for metric in params.sensitivity.metrics:
         if "act_sq" in REGISTRY[metric].needs and name in skipped:  # wanda: no input norms for it
@@ -186,16 +201,12 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
         for store, (i, v) in ((top, (s.top_index, s.top_score)), (bottom, (s.bottom_index, s.bottom_score))):
             idx = torch.from_numpy(i).to(w_flat.device)
             at_w, at_g = w_flat[idx].float().cpu().numpy(), g_flat[idx].cpu().numpy()  # (k,) float32
-            for key, values in candidate_columns(metric, i, v, at_w, at_g, place, tokenizer).items():
-                store.setdefault(key, []).extend(values)
+            store.append(candidate_table(metric, i, v, at_w, at_g, place, tokenizer))
         stats.append(stats_row(index, place, tokenizer is not None, metric, s))
         if scores is not None:
             dense[metric] = np.concatenate(scores)
-    if stats:
-        shards.write_candidates(folder, index, name, top)
-        shards.write_candidates(folder, index, name, bottom, kind="bottom")
     if dense:
         shards.write_dense(folder, index, name, dense)
     for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):
         store.pop(name, None)  # free this parameter's accumulators
-    return stats
+    return Scored(stats, *(pa.concat_tables(t) if t else shards.CANDIDATE_SCHEMA.empty_table() for t in (top, bottom)))

@@ -1,17 +1,19 @@
 """The sensitivity shards in `data/sensitivity/`: explicit schemas, stable names, fixed order.
 
 Layout of the folder:
-- `candidates/NNNN-<parameter>.parquet`: per parameter, the top `keep` candidates of every
-  metric, metric by metric in params order, best first (ties by flat index);
-- `bottom/NNNN-<parameter>.parquet`: likewise the `keep` least sensitive weights, least
-  first (the `bottom_k` control of validation);
+- `candidates.parquet`: per parameter (in parameter order, one row group each), the top
+  `keep` candidates of every metric, metric by metric in params order, best first (ties by
+  flat index);
+- `bottom.parquet`: likewise the `keep` least sensitive weights, least first (the
+  `bottom_k` control of validation);
 - `dense/NNNN-<parameter>.parquet` (only with `sensitivity.dense`): every score;
 - `stats.parquet`: per parameter and metric, exact statistics, the log10 histogram and the
   max-pooled grid;
 - `meta.json`: model identity, loss, token counts, metrics, keep, histogram bins, params.
 
-Each parameter's shard is written and closed before the next is opened. This module
-needs pyarrow only, so ranking, export and plots never import torch.
+Each parameter's rows are written as soon as it is scored, so memory never holds more than
+one parameter's scores. This module needs pyarrow only, so ranking, export and plots never
+import torch.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 
 from critical_weights.errors import ShardError, first_line
 
-FORMAT = "critical-weights/sensitivity/2"  # 2: expert column; block, component, layout in stats
+FORMAT = "critical-weights/sensitivity/3"  # 2: expert column, block, component, layout; 3: one candidates file
 
 CANDIDATE_SCHEMA = pa.schema([
     ("parameter", pa.string()),
@@ -89,16 +91,32 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-KINDS = ("candidates", "bottom")  # most and least sensitive
+KINDS = ("candidates", "bottom")  # most and least sensitive: `<kind>.parquet`
 
 
-def write_candidates(folder: Path, param_index: int, parameter: str, columns: dict[str, Any],
-                     kind: str = "candidates") -> None:
-    """One parameter's candidates of every metric (columns as in CANDIDATE_SCHEMA, less parameter)."""
-    n = len(columns["metric"])
-    table = pa.table({"parameter": [parameter] * n, **columns}, schema=CANDIDATE_SCHEMA)
-    (folder / kind).mkdir(parents=True, exist_ok=True)
-    _write(table, folder / kind / shard_name(param_index, parameter))
+class CandidateWriter:
+    """Writes `candidates.parquet` and `bottom.parquet`, one row group per parameter, in the
+    order `add` is called (parameter order). One file per kind, not per parameter: opening,
+    writing and later reading hundreds of small files cost more than the scoring."""
+
+    def __init__(self, folder: Path):
+        self._writers = {kind: pq.ParquetWriter(folder / f"{kind}.parquet", CANDIDATE_SCHEMA, compression="zstd")
+                         for kind in KINDS}
+
+    def add(self, top: pa.Table, bottom: pa.Table) -> None:
+        """One parameter's top and bottom candidates of every metric (CANDIDATE_SCHEMA)."""
+        for kind, table in zip(KINDS, (top, bottom)):
+            self._writers[kind].write_table(table)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+    def __enter__(self) -> CandidateWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_dense(folder: Path, param_index: int, parameter: str, metric_scores: dict[str, np.ndarray]) -> None:
@@ -177,14 +195,15 @@ def read_candidates(folder: Path, stats: pa.Table, metric: str, kind: str = "can
     """Candidates of `metric` for every parameter listed in `stats`, in parameter order.
 
     `kind` is `candidates` (most sensitive first) or `bottom` (least sensitive first)."""
-    params = (stats.filter(pc.equal(stats["metric"], metric))
-              .select(["param_index", "parameter"]).to_pylist())
-    parts = [
-        _read_table(folder / kind / shard_name(p["param_index"], p["parameter"]),
-                    CANDIDATE_SCHEMA, metric)
-        for p in params
-    ]
-    return pa.concat_tables(parts) if parts else CANDIDATE_SCHEMA.empty_table()
+    wanted = stats.filter(pc.equal(stats["metric"], metric))["parameter"]
+    path = folder / f"{kind}.parquet"
+    table = _read_table(path, CANDIDATE_SCHEMA, metric)
+    table = table.filter(pc.is_in(table["parameter"], value_set=wanted.combine_chunks()))
+    lacking = set(wanted.to_pylist()) - set(pc.unique(table["parameter"]).to_pylist())
+    if lacking:
+        raise ShardError(f"shard {path} lacks the {metric} candidates of {min(lacking)}"
+                         f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}; rerun the sensitivity stage (dvc repro)")
+    return table
 
 
 def read_dense(folder: Path, param_index: int, parameter: str) -> pa.Table:
