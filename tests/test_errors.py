@@ -191,7 +191,7 @@ def _jsonl(*records: object) -> bytes:
     ("broken.jsonl", _jsonl({"text": "one"}, "", '{"text": "three'),
      "{path} line 3 is not valid JSON (Unterminated string starting at)"),
     ("parquet.parquet", b"PAR1 this is not parquet at all",
-     "{path} is not a readable Parquet file (Could not open Parquet input source '{path}': Parquet magic bytes not "
+     "{path} is not a readable Parquet file (Parquet magic bytes not "
      "found in footer. Either the file is corrupted or this is not a parquet file.)"),
 ])
 def test_bad_text_source(run, tmp_path, untouched, name, content, message):

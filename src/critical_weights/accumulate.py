@@ -107,8 +107,7 @@ def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _probe_generator(seed: int, probe: int) -> torch.Generator:
-    # The same probe vector must be used in every micro-batch, so regenerate it from (seed, probe).
-    return torch.Generator().manual_seed(seed * 1_000_003 + probe)
+    return torch.Generator().manual_seed(seed * 1_000_003 + probe)  # each micro-batch draws the same probe again
 
 
 def accumulate(
@@ -200,9 +199,12 @@ class _Plain:
         self.sink = _GradSink(params, with_fisher, n_seq, head_parameters(model) if with_fisher else set())
 
     def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        loss_b = backward_in_two(model, hidden, ids, mask, 1.0 / self.n_tokens)
+        loss_b = backward_in_two(model, hidden, ids, mask, self._scale(mask))
         self.sink.flush()
         return loss_b
+
+    def _scale(self, mask: torch.Tensor) -> float:  # the summed loss's factor in backward: 1/N, the token mean
+        return 1.0 / self.n_tokens
 
     def close(self) -> None:
         self.sink.remove()
@@ -218,12 +220,10 @@ class _PerSequence(_Plain):
     def __init__(self, model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]], n_tokens: int, n_seq: int):
         super().__init__(model, params, n_tokens, n_seq, with_fisher=True)
 
-    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _scale(self, mask: torch.Tensor) -> float:
         n_pred = int(mask[:, 1:].sum())
         self.sink.scale = n_pred / self.n_tokens
-        loss_b = backward_in_two(model, hidden, ids, mask, 1.0 / n_pred)
-        self.sink.flush()
-        return loss_b
+        return 1.0 / n_pred  # the sequence's own mean loss
 
 
 class _DoubleBackward:

@@ -195,8 +195,8 @@ class _Running:
         flat = s.reshape(-1)
         chunk_min, chunk_max = torch.aminmax(flat)  # both NaN if any score is NaN
         if bool(chunk_max.isnan()):
-            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (an infinite accumulator "
-                                 "times a zero weight or norm), and NaN has no rank; try model.dtype float32")
+            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (an accumulator overflowed: "
+                                 "infinity times zero), and NaN has no rank; try model.dtype float32")
         start = rows.start * self.n_cols  # flat index of the chunk's first score
         v, i = top_k_stable(flat, start, self.keep)
         self.cand_v.append(v)
