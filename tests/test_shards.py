@@ -142,3 +142,18 @@ def test_the_same_table_gives_the_same_bytes(tmp_path):
                            candidate_table(name, {"grad_x_weight": [(0, 0.0)]}, n_cols=2))
     for kind in shards.KINDS:
         assert (tmp_path / "one" / f"{kind}.parquet").read_bytes() == (tmp_path / "two" / f"{kind}.parquet").read_bytes()
+
+
+def test_a_failing_close_never_hides_the_error_already_on_its_way(tmp_path, monkeypatch):
+    """Ctrl-C (or any error) while scoring must reach the user as itself, even if closing the
+    half-written candidate files then fails too; with no error in flight, the failure shows."""
+    def broken_close(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "close", broken_close)
+    with pytest.raises(KeyboardInterrupt):
+        with shards.CandidateWriter(tmp_path):
+            raise KeyboardInterrupt
+    with pytest.raises(OSError, match="No space left on device"):
+        with shards.CandidateWriter(tmp_path):
+            pass

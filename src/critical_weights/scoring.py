@@ -7,6 +7,7 @@ Nothing here loops over elements in Python.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -106,31 +107,36 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tup
     """The k largest values, ties broken by smaller index; returned in that order.
 
     values (n,) float32 without NaN (`_Running.add` refuses NaN scores); index (n,) int64
-    and unique, or an int: the index of values[0], the others following it one by one.
-    Exact: every value above the k-th is kept, and among values equal to it, the smallest
-    indices.
+    and unique, or an int: the index of values[0], the others following it one by one (then
+    no index tensor of n is ever made). Exact: every value above the k-th is kept, and among
+    values equal to it, the smallest indices.
     """
     k = min(k, values.numel())
     pos = _in_top_blocks(values, k)
-    if isinstance(index, int):
-        index = pos + index if pos is not None else torch.arange(index, index + values.numel(), device=values.device)
-    elif pos is not None:
-        index = index[pos]
     if pos is not None:
         values = values[pos]
+        index = pos + index if isinstance(index, int) else index[pos]
+
+    def index_of(p: torch.Tensor) -> torch.Tensor:  # flat indices of positions p in `values`
+        return p + index if isinstance(index, int) else index[p]
+
     top, pos = torch.topk(values, k, sorted=False)
     threshold = top.min()
     n_at = int(torch.count_nonzero(values == threshold))
     if n_at != int(torch.count_nonzero(top == threshold)):
         # topk cut through a tie: keep the values above, then the ties of smallest index
         above = (values > threshold).nonzero().squeeze(1)
-        at = (values == threshold).nonzero().squeeze(1)  # (n_at,) positions
-        at = at[torch.topk(index[at], k - above.numel(), largest=False, sorted=False).indices]
+        at = (values == threshold).nonzero().squeeze(1)  # (n_at,) positions, ascending
+        need = k - above.numel()
+        if isinstance(index, int):
+            at = at[:need]  # positions ascend with the index
+        else:
+            at = at[torch.topk(index[at], need, largest=False, sorted=False).indices]
         pos = torch.cat([above, at])
     # else topk kept every value equal to the k-th, so its positions are already the exact set
-    pos = pos[torch.argsort(index[pos], stable=True)]  # index ascending...
+    pos = pos[torch.argsort(index_of(pos), stable=True)]  # index ascending...
     pos = pos[torch.argsort(values[pos], descending=True, stable=True)]  # ...then score descending
-    return values[pos], index[pos]
+    return values[pos], index_of(pos)
 
 
 @dataclass
@@ -166,10 +172,10 @@ def log10_bin(scores: torch.Tensor) -> torch.Tensor:
 class _Running:
     """Chunk-wise accumulation of the summary (Chan's parallel mean/variance in float64)."""
 
-    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int = 0,
-                 what: str = "scores"):
+    def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int, name: str,
+                 metric: str):
         self.keep = keep
-        self.what = what  # for errors: "parameter <name>: <metric> scores"
+        self.metric, self.what = metric, f"parameter {name}: {metric} scores"  # for errors
         self.n_experts = n_experts
         self.expert_sum = torch.zeros(n_experts, dtype=torch.float64, device=device)
         self.expert_max = torch.full((n_experts,), -np.inf, dtype=torch.float64, device=device)
@@ -194,9 +200,11 @@ class _Running:
         # s (r, cols) float32 scores for rows `rows`
         flat = s.reshape(-1)
         chunk_min, chunk_max = torch.aminmax(flat)  # both NaN if any score is NaN
-        if bool(chunk_max.isnan()):
-            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (an accumulator overflowed: "
-                                 "infinity times zero), and NaN has no rank; try model.dtype float32")
+        low, high = torch.stack((chunk_min, chunk_max)).tolist()  # one host sync
+        if math.isnan(high):
+            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (a factor overflowed to "
+                                 f"infinity and met a zero), and NaN has no rank; leave {self.metric} out of "
+                                 "sensitivity.metrics")
         start = rows.start * self.n_cols  # flat index of the chunk's first score
         v, i = top_k_stable(flat, start, self.keep)
         self.cand_v.append(v)
@@ -215,7 +223,7 @@ class _Running:
         self.total += mean_c * n_c
         self.lo = torch.minimum(self.lo, chunk_min)
         self.hi = torch.maximum(self.hi, chunk_max)
-        low = float(chunk_min)  # most metrics are >= 0, and many chunks > 0: no pass to count what is not there
+        # most metrics are >= 0, and many chunks > 0: no pass to count what is not there
         zeros = torch.count_nonzero(flat == 0) if low <= 0 else 0
         negatives = torch.count_nonzero(flat < 0) if low < 0 else 0
         self.zeros += zeros
@@ -261,7 +269,7 @@ def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, k
     `n_experts` > 0: the tensor's leading axis is the expert, and each expert's sum and max
     are kept too."""
     n_rows, n_cols = as_matrix(weight).shape
-    run = _Running(n_rows, n_cols, keep, weight.device, n_experts, what=f"parameter {name}: {metric} scores")
+    run = _Running(n_rows, n_cols, keep, weight.device, n_experts, name, metric)
     for rows in row_chunks(n_rows, n_cols, weight.device):
         s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
         run.add(s, rows)

@@ -11,9 +11,9 @@ Layout of the folder:
   max-pooled grid;
 - `meta.json`: model identity, loss, token counts, metrics, keep, histogram bins, params.
 
-Each parameter's rows are written as soon as it is scored, so memory never holds more than
-one parameter's scores. This module needs pyarrow only, so ranking, export and plots never
-import torch.
+A parameter's rows are written as soon as it is scored, so memory holds the scores of only
+the parameters being scored (two at a time). This module needs pyarrow only, so ranking,
+export and plots never import torch.
 """
 
 from __future__ import annotations
@@ -100,23 +100,35 @@ class CandidateWriter:
     writing and later reading hundreds of small files cost more than the scoring."""
 
     def __init__(self, folder: Path):
-        self._writers = {kind: pq.ParquetWriter(folder / f"{kind}.parquet", CANDIDATE_SCHEMA, compression="zstd")
-                         for kind in KINDS}
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        try:
+            for kind in KINDS:
+                self._writers[kind] = pq.ParquetWriter(folder / f"{kind}.parquet", CANDIDATE_SCHEMA, compression="zstd")
+        except BaseException:
+            self.close(quiet=True)
+            raise
 
     def add(self, top: pa.Table, bottom: pa.Table) -> None:
         """One parameter's top and bottom candidates of every metric (CANDIDATE_SCHEMA)."""
         for kind, table in zip(KINDS, (top, bottom)):
-            self._writers[kind].write_table(table)
+            self._writers[kind].write_table(table, row_group_size=max(1, table.num_rows))
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Close both files; `quiet` (another error is already on its way) drops close errors."""
+        failed = None
         for writer in self._writers.values():
-            writer.close()
+            try:
+                writer.close()
+            except (pa.ArrowException, OSError) as err:
+                failed = failed or err
+        if failed is not None and not quiet:
+            raise failed
 
     def __enter__(self) -> CandidateWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.close(quiet=kind is not None)
 
 
 def write_dense(folder: Path, param_index: int, parameter: str, metric_scores: dict[str, np.ndarray]) -> None:
@@ -145,8 +157,8 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 
 def _read_table(path: Path, schema: pa.Schema, metric: str | None = None) -> pa.Table:
     """A shard, checked to exist, to parse and to have exactly `schema`; with `metric`, only
-    that metric's rows. (One open per file: `pq.read_table` with filters costs ten times more
-    on these small files.)"""
+    that metric's rows, filtered row group by row group. (One open per file: `pq.read_table`
+    with filters costs ten times more on small files.)"""
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; rerun the sensitivity stage (dvc repro)")
     try:
@@ -157,10 +169,15 @@ def _read_table(path: Path, schema: pa.Schema, metric: str | None = None) -> pa.
                     f"shard {path} has a foreign schema (columns {', '.join(found.names)}), not {FORMAT}; "
                     "rerun the sensitivity stage (dvc repro)"
                 )
-            table = file.read()
+            if metric is None:
+                return file.read()
+            kept = []
+            for i in range(file.num_row_groups):
+                group = file.read_row_group(i)
+                kept.append(group.filter(pc.equal(group["metric"], metric)))
+            return pa.concat_tables(kept) if kept else schema.empty_table()
     except (pa.ArrowException, OSError) as err:
         raise ShardError(f"shard {path} is corrupt or truncated ({first_line(err)}); rerun the sensitivity stage (dvc repro)") from None
-    return table if metric is None else table.filter(pc.equal(table["metric"], metric))
 
 
 META_KEYS = {"metrics": list, "keep": int, "params": dict, "hist_log10_edges": dict}  # what readers rely on

@@ -4,7 +4,8 @@ transformers' auto classes import torch (about 1.5 s) even to read a tokenizer. 
 whose tokenizer_config.json names the plain `TokenizersBackend` class, as a GGUF's converted
 tokenizer and every folder `prepare` saved from one do, is read through that class itself,
 exactly as `AutoTokenizer` would read it after looking the class up; any other folder goes
-through `AutoTokenizer`. So `prepare` on a GGUF model never imports torch.
+through `AutoTokenizer`. So `prepare` on a GGUF model whose tokenizer is in the cache (every
+run after the first) never imports torch; converting it the first time does.
 """
 
 from __future__ import annotations
