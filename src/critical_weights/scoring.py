@@ -114,12 +114,7 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tup
     k = min(k, values.numel())
     pos = _in_top_blocks(values, k)
     if pos is not None:
-        values = values[pos]
-        index = pos + index if isinstance(index, int) else index[pos]
-
-    def index_of(p: torch.Tensor) -> torch.Tensor:  # flat indices of positions p in `values`
-        return p + index if isinstance(index, int) else index[p]
-
+        values, index = values[pos], _indices(index, pos)
     top, pos = torch.topk(values, k, sorted=False)
     threshold = top.min()
     n_at = int(torch.count_nonzero(values == threshold))
@@ -134,9 +129,14 @@ def top_k_stable(values: torch.Tensor, index: torch.Tensor | int, k: int) -> tup
             at = at[torch.topk(index[at], need, largest=False, sorted=False).indices]
         pos = torch.cat([above, at])
     # else topk kept every value equal to the k-th, so its positions are already the exact set
-    pos = pos[torch.argsort(index_of(pos), stable=True)]  # index ascending...
+    pos = pos[torch.argsort(_indices(index, pos), stable=True)]  # index ascending...
     pos = pos[torch.argsort(values[pos], descending=True, stable=True)]  # ...then score descending
-    return values[pos], index_of(pos)
+    return values[pos], _indices(index, pos)
+
+
+def _indices(index: torch.Tensor | int, positions: torch.Tensor) -> torch.Tensor:
+    """The flat indices at `positions`, for `index` as `top_k_stable` takes it."""
+    return positions + index if isinstance(index, int) else index[positions]
 
 
 @dataclass
@@ -175,7 +175,7 @@ class _Running:
     def __init__(self, n_rows: int, n_cols: int, keep: int, device: torch.device, n_experts: int, name: str,
                  metric: str):
         self.keep = keep
-        self.metric, self.what = metric, f"parameter {name}: {metric} scores"  # for errors
+        self.name, self.metric = name, metric  # for errors
         self.n_experts = n_experts
         self.expert_sum = torch.zeros(n_experts, dtype=torch.float64, device=device)
         self.expert_max = torch.full((n_experts,), -np.inf, dtype=torch.float64, device=device)
@@ -202,9 +202,9 @@ class _Running:
         chunk_min, chunk_max = torch.aminmax(flat)  # both NaN if any score is NaN
         low, high = torch.stack((chunk_min, chunk_max)).tolist()  # one host sync
         if math.isnan(high):
-            raise NumericalError(f"{self.what}: {int(flat.isnan().sum())} of them are NaN (a factor overflowed to "
-                                 f"infinity and met a zero), and NaN has no rank; leave {self.metric} out of "
-                                 "sensitivity.metrics")
+            raise NumericalError(f"parameter {self.name}: {self.metric} scores: {int(flat.isnan().sum())} of them are "
+                                 "NaN (a factor overflowed to infinity and met a zero), and NaN has no rank; "
+                                 f"leave {self.metric} out of sensitivity.metrics")
         start = rows.start * self.n_cols  # flat index of the chunk's first score
         v, i = top_k_stable(flat, start, self.keep)
         self.cand_v.append(v)
