@@ -72,8 +72,8 @@ from workload import (  # noqa: E402
 def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size: int | None, batch_tokens: int,
          checkpointing: bool, metrics: str, keep: int, k: int, seed: int, warmup: int, chain: bool, shards_only: bool, work_dir: Path | None,
          json_file: Path | None) -> None:
-    from critical_weights.errors import reported
-    from critical_weights.progress import setup_logging
+    from critical_weights.core.errors import reported
+    from critical_weights.core.progress import setup_logging
 
     setup_logging()
     if chain and shards_only:

@@ -81,7 +81,7 @@ def run_chain(size: str, device: torch.device, params_raw: dict, ids: list[list[
 
 def _check_chain(prepared: Path, ids: list[list[int]]) -> None:
     """The prepare stage must have turned the texts back into exactly the benchmark's ids."""
-    from critical_weights.texts import read_prepared
+    from critical_weights.artifacts.prepared_texts import read_prepared
 
     got, _ = read_prepared(prepared)
     if sorted(map(tuple, got)) != sorted(map(tuple, ids)):

@@ -16,9 +16,11 @@ from workload import build_model, build_tokenizer, write_prepared
 def run_in_process(size: str, device: torch.device, dtype: torch.dtype, params_raw: dict, ids: list[list[int]],
                    work: Path, seed: int, warmup: int) -> list[dict[str, Any]]:
     """compute_shards on a freshly built model, then the torch-free phases."""
-    from critical_weights import accumulate, models
-    from critical_weights.params import parse_params
-    from critical_weights.sensitivity import compute_shards
+    from critical_weights.model import loading
+    from critical_weights.model.source import ModelSource
+    from critical_weights.sensitivity import accumulate
+    from critical_weights.config.params import parse_params
+    from critical_weights.sensitivity.stage import compute_shards
 
     params = parse_params(params_raw)
     phases = Phases(device)
@@ -34,8 +36,8 @@ def run_in_process(size: str, device: torch.device, dtype: torch.dtype, params_r
                                    params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
             del plist
             gc.collect()
-    source = models.ModelSource(f"random {size}", "random", "")
-    extra = {"model": models.identity(source, model, device), "text_sha256": prep_meta["text_sha256"], "prepare": prep_meta}
+    source = ModelSource(f"random {size}", "random", "")
+    extra = {"model": loading.identity(source, model, device), "text_sha256": prep_meta["text_sha256"], "prepare": prep_meta}
     compute_shards(model, tokenizer, ids, params, work / "sensitivity", make_timings(phases), extra)
     return phases.records + torch_free_phases(work, params.rank.metric, params.rank.k)
 

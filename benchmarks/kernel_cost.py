@@ -26,14 +26,18 @@ _CHILD = """
 import json, sys, time
 import torch
 from pathlib import Path
-from critical_weights import accumulate, kernels, models, texts, tokenization
-from critical_weights.params import ModelParams
+from critical_weights.config.params import ModelParams
+from critical_weights.core import kernels
+from critical_weights.model import loading, tokenization
+from critical_weights.model.source import resolve_source
+from critical_weights.sensitivity import accumulate
+from critical_weights.texts import sources
 n, micro = int(sys.argv[1]), int(sys.argv[2])
 p = ModelParams()
-source = models.resolve_source(p.name)
+source = resolve_source(p.name)
 tok = tokenization.load_tokenizer(source, p)
-model = models.load_model(source, p, torch.device("cpu"), torch.float32)
-raw = texts.read_texts(Path(sys.argv[3]))[:n]
+model = loading.load_model(source, p, torch.device("cpu"), torch.float32)
+raw = sources.read_texts(Path(sys.argv[3]))[:n]
 ids = [tok(t)["input_ids"][:256] for t in raw]
 params = accumulate.scored_parameters(model, "weights")
 start, cpu = time.perf_counter(), time.process_time()

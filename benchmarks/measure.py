@@ -20,7 +20,7 @@ from typing import Any
 import click
 import torch
 
-from critical_weights.progress import peak_memory_mib
+from critical_weights.core.progress import peak_memory_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_SCRIPT = Path(__file__).resolve().parent / "phase.py"
@@ -89,7 +89,7 @@ def _log(record: dict[str, Any]) -> None:
 
 def make_timings(phases: Phases):
     """A progress.Timings whose phases (as compute_shards names them) are also measured by `phases`."""
-    from critical_weights.progress import Timings
+    from critical_weights.core.progress import Timings
 
     class MeasuredTimings(Timings):
         @contextlib.contextmanager

@@ -32,18 +32,21 @@ _CHILD = """
 import contextlib, json, sys, time
 import torch
 from pathlib import Path
-from critical_weights import accumulate, models, texts, tokenization
-from critical_weights.params import ModelParams
-from critical_weights.progress import peak_memory_mib
-from critical_weights.recompute import checkpointed_blocks
+from critical_weights.config.params import ModelParams
+from critical_weights.core.progress import peak_memory_mib
+from critical_weights.model import loading, tokenization
+from critical_weights.model.source import resolve_source
+from critical_weights.sensitivity import accumulate
+from critical_weights.sensitivity.recompute import checkpointed_blocks
+from critical_weights.texts import sources
 n, micro, budget, recompute = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 p = ModelParams()
-source = models.resolve_source(p.name)
+source = resolve_source(p.name)
 tok = tokenization.load_tokenizer(source, p)
-raw = texts.read_texts(Path(sys.argv[5]))
+raw = sources.read_texts(Path(sys.argv[5]))
 ids = sorted((tok(t)["input_ids"][:256] for t in raw), key=len, reverse=True)[:n]
 del tok
-model = models.load_model(source, p, torch.device("cpu"), torch.float32)
+model = loading.load_model(source, p, torch.device("cpu"), torch.float32)
 loaded = peak_memory_mib()
 params = accumulate.scored_parameters(model, "weights")
 start, cpu = time.perf_counter(), time.process_time()

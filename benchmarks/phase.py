@@ -50,9 +50,9 @@ def main(ctx: click.Context, result: Path) -> None:
 @click.option("--k", type=int, default=100, show_default=True)
 @click.pass_obj
 def rank(result: Path, sensitivity: Path, out: Path, metric: str, mode: str, k: int) -> None:
-    """critical_weights.ranking.run_rank, as the rank stage calls it."""
-    from critical_weights.params import RankParams
-    from critical_weights.ranking import run_rank
+    """critical_weights.ranking.stage.run_rank, as the rank stage calls it."""
+    from critical_weights.config.params import RankParams
+    from critical_weights.ranking.stage import run_rank
 
     t0 = time.perf_counter()
     run_rank(sensitivity, RankParams(metric=metric, mode=mode, k=k), out)
@@ -66,8 +66,8 @@ def rank(result: Path, sensitivity: Path, out: Path, metric: str, mode: str, k: 
 @click.option("--reports", type=click.Path(path_type=Path), required=True)
 @click.pass_obj
 def export(result: Path, sensitivity: Path, ranked: Path, prepared: Path, reports: Path) -> None:
-    """critical_weights.export.run_export, as the export stage calls it."""
-    from critical_weights.export import run_export
+    """critical_weights.reports.export.run_export, as the export stage calls it."""
+    from critical_weights.reports.export import run_export
 
     t0 = time.perf_counter()
     run_export(sensitivity, ranked, prepared, reports)
@@ -81,9 +81,9 @@ def export(result: Path, sensitivity: Path, ranked: Path, prepared: Path, report
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.pass_obj
 def plot(result: Path, sensitivity: Path, ranked: Path, overlap: Path, out: Path) -> None:
-    """critical_weights.plots.run_plot, as the plot stage calls it (default plot params)."""
-    from critical_weights.params import PlotParams
-    from critical_weights.plots import run_plot
+    """critical_weights.reports.plots.run_plot, as the plot stage calls it (default plot params)."""
+    from critical_weights.config.params import PlotParams
+    from critical_weights.reports.plots import run_plot
 
     t0 = time.perf_counter()
     run_plot(sensitivity, ranked, overlap, out, PlotParams())

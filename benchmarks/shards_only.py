@@ -23,7 +23,7 @@ from workload import INIT_STD, SIZES, build_model, build_tokenizer, write_prepar
 def random_summary(rng: np.random.Generator, numel: int, grid: tuple[int, int], keep: int):
     """A scoring.Summary of `numel` log-normal scores: `keep` distinct top and bottom indices
     with their scores, a bell-shaped exact histogram and a random pooled grid."""
-    from critical_weights import scoring
+    from critical_weights.sensitivity import scoring
 
     n = min(keep, numel // 2)
     flat = _distinct(rng, numel, 2 * n)
@@ -41,9 +41,11 @@ def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any,
     """Shards of SIZE's shape with random scores, for every metric of `params` (a Params)."""
     import pyarrow as pa
 
-    from critical_weights import layout, scoring, shards
-    from critical_weights.accumulate import scored_parameters
-    from critical_weights.sensitivity import candidate_table, shards_meta, stats_row
+    from critical_weights.artifacts import shards
+    from critical_weights.model import layout
+    from critical_weights.sensitivity import scoring
+    from critical_weights.sensitivity.accumulate import scored_parameters
+    from critical_weights.sensitivity.stage import candidate_table, shards_meta, stats_row
 
     model = build_model(size, torch.device("meta"), torch.float32, params.seed)
     token_rows = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
@@ -94,7 +96,7 @@ def _bell(n_bins: int, rng: np.random.Generator) -> np.ndarray:
 
 def run_shards_only(size: str, params_raw: dict, ids: list[list[int]], work: Path, seed: int) -> list[dict[str, Any]]:
     """No model: synthetic shards of SIZE's shape, then the torch-free phases on them."""
-    from critical_weights.params import parse_params
+    from critical_weights.config.params import parse_params
 
     params = parse_params(params_raw)
     phases = Phases(torch.device("cpu"))

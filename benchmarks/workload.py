@@ -116,17 +116,18 @@ def as_text(ids: list[int]) -> str:
 
 def write_prepared(folder: Path, ids: list[list[int]], tokenizer: Any, seed: int, seq_len: int) -> dict[str, str]:
     """What the prepare stage would write for these ids: texts.parquet with its metadata, and the tokenizer."""
-    from critical_weights import texts
+    from critical_weights.artifacts import prepared_texts
+    from critical_weights.texts import sources
 
-    prepared = texts.PreparedTexts(list(range(len(ids))), [as_text(s) for s in ids], ids, len(ids))
+    prepared = sources.PreparedTexts(list(range(len(ids))), [as_text(s) for s in ids], ids, len(ids))
     meta = {
         "source": "benchmarks/bench.py random ids", "n_available": str(len(ids)), "n_texts": str(len(ids)),
-        "n_tokens": str(sum(len(s) for s in ids)), "text_sha256": texts.text_set_hash(ids),
+        "n_tokens": str(sum(len(s) for s in ids)), "text_sha256": prepared_texts.text_set_hash(ids),
         "params": json.dumps({"seed": seed, "texts": {"source": "random", "n_texts": len(ids), "max_length": seq_len},
                               "model.name": "random"}, sort_keys=True),
     }
-    texts.write_prepared(folder, prepared, meta)
-    tokenizer.save_pretrained(folder / texts.TOKENIZER_DIR)
+    prepared_texts.write_prepared(folder, prepared, meta)
+    tokenizer.save_pretrained(folder / prepared_texts.TOKENIZER_DIR)
     return meta
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import INPUT_DIR, PATH, Params, Timings, stage_command
-from critical_weights.export import run_export
+from critical_weights.reports.export import run_export
 
 
 @stage_command("export", __doc__)

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import INPUT_DIR, INPUT_FILE, PATH, Params, Timings, stage_command
-from critical_weights.plots import run_plot
+from critical_weights.reports.plots import run_plot
 
 
 @stage_command("plot", __doc__)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import PATH, Params, Timings, stage_command
-from critical_weights.prepare import run_prepare
+from critical_weights.texts.stage import run_prepare
 
 
 @stage_command("prepare", __doc__)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import INPUT_DIR, PATH, Params, Timings, stage_command
-from critical_weights.ranking import run_rank
+from critical_weights.ranking.stage import run_rank
 
 
 @stage_command("rank", __doc__)

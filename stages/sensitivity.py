@@ -1,7 +1,7 @@
 """Compute dL/dW over the prepared texts and score every weight into Parquet shards.
 
 Per parameter and metric, OUT holds the top `sensitivity.keep` candidates, exact
-statistics, a log10 histogram and a pooled grid (see critical_weights.shards).
+statistics, a log10 histogram and a pooled grid (see critical_weights.artifacts.shards).
 
 Example:
 
@@ -16,17 +16,15 @@ from pathlib import Path
 
 import click
 
-from critical_weights import distributed
 from critical_weights.cli import INPUT_DIR, PATH, Params, Timings, stage_command
-from critical_weights.models import resolve_device
-from critical_weights.sensitivity import run_sensitivity
+from critical_weights.sensitivity import distributed
+from critical_weights.sensitivity.stage import run_sensitivity
 
 
 @stage_command("sensitivity", __doc__)
 @click.option("--prepared", type=INPUT_DIR, required=True, help="Output of prepare.")
 @click.option("--out", type=PATH, required=True, help="Output folder for the shards.")
 def main(params: Params, timings: Timings, prepared: Path, out: Path) -> None:
-    resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     try:
         run_sensitivity(prepared, params, out, timings)
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import INPUT_DIR, OUTPUT_FILE, Params, Timings, stage_command
-from critical_weights.superweights import run_superweights
+from critical_weights.superweights.stage import run_superweights
 
 
 @stage_command("superweights", __doc__)

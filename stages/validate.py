@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from critical_weights.cli import INPUT_DIR, OUTPUT_FILE, PATH, Params, Timings, stage_command
-from critical_weights.validation import Outputs, run_validate
+from critical_weights.validation.stage import Outputs, run_validate
 
 
 @stage_command("validate", __doc__)

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from _cli import assert_error, stage, write_params_file
-from conftest import tiny_params
+from _tiny import tiny_params
 from critical_weights.cli import INPUT_DIR, PATH, stage_command
-from critical_weights.errors import ShardError
-from critical_weights.params import Params
+from critical_weights.config.params import Params
+from critical_weights.core.errors import ShardError
 
 STAGE_SCRIPTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "stages").glob("*.py"))
 

@@ -1,6 +1,6 @@
 """critical_weights.metrics: the registry is the one definition of a metric. The params choices,
-the README's table and the accumulators a run fills all follow from it. (Each score against its
-formula, written out by hand, is in test_scoring.py.)"""
+the table in docs/loss-and-metrics.md and the accumulators a run fills all follow from it. (Each score against its
+formula, written out by hand, is in sensitivity/test_scoring.py.)"""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from critical_weights.accumulate import Accumulators, accumulate, scored_parameters
+from critical_weights.config.params import RankParams, SensitivityParams
 from critical_weights.metrics import ACCUMULATORS, METRICS, REGISTRY, accumulators_for
-from critical_weights.params import RankParams, SensitivityParams
+from critical_weights.sensitivity.accumulate import Accumulators, accumulate, scored_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_metric_table() -> list[tuple[str, str, str]]:
-    """(name, score, meaning) of each row of the README's `| metric | score | meaning |` table."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def docs_metric_table() -> list[tuple[str, str, str]]:
+    """(name, score, meaning) of each row of the `| metric | score | meaning |` table in
+    docs/loss-and-metrics.md."""
+    text = (ROOT / "docs" / "loss-and-metrics.md").read_text(encoding="utf-8")
     table = text[text.index("| metric | score | meaning |"):].split("\n\n")[0].splitlines()[2:]
     rows = []
     for line in table:
@@ -28,9 +29,9 @@ def readme_metric_table() -> list[tuple[str, str, str]]:
     return rows
 
 
-def test_readme_table_is_the_registry():
-    assert readme_metric_table() == [(m.name, m.formula, m.meaning) for m in REGISTRY.values()], (
-        "the README's metric table and critical_weights.metrics.REGISTRY differ; change them together")
+def test_docs_table_is_the_registry():
+    assert docs_metric_table() == [(m.name, m.formula, m.meaning) for m in REGISTRY.values()], (
+        "the metric table of docs/loss-and-metrics.md and critical_weights.metrics.REGISTRY differ; change them together")
 
 
 def test_params_choices_come_from_the_registry():

@@ -22,9 +22,9 @@ from typing import Any
 
 import click
 
-from critical_weights.errors import reported
-from critical_weights.params import Params, load_params
-from critical_weights.progress import Timings, setup_logging
+from critical_weights.config.params import Params, load_params
+from critical_weights.core.errors import reported
+from critical_weights.core.progress import Timings, setup_logging
 
 INPUT_DIR = click.Path(exists=True, file_okay=False, path_type=Path)  # a folder an earlier stage wrote
 INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # a file an earlier stage wrote

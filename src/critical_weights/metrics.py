@@ -6,11 +6,12 @@ A score function gets `w`, a float32 copy of some rows of the weight viewed as a
 (cols,), (r, 1) or (r, cols), see `scoring._input_rows`). It returns the scores, (r, cols)
 float32. `accumulate` fills exactly the accumulators the asked metrics need; `grad` is always
 filled, since the loss's gradient is what the stage computes. `params` takes its metric
-choices from METRICS, and the README's metric table is checked against `formula` and
-`meaning` (tests/test_metrics.py).
+choices from METRICS, and the metric table in docs/loss-and-metrics.md is checked against
+`formula` and `meaning` (tests/test_metrics.py).
 
-Adding a metric: one `Metric(...)` entry below, plus its row in the README's table. A metric
-that needs a new kind of accumulator also needs that accumulator in `accumulate`.
+Adding a metric: one `Metric(...)` entry below, plus its row in the table of
+docs/loss-and-metrics.md. A metric that needs a new kind of accumulator also needs that
+accumulator in `accumulate`.
 
 This module imports nothing heavy: params imports it, and the torch-free stages import params.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-ACCUMULATORS = ("grad", "fisher", "hutchinson", "act_sq")  # see critical_weights.accumulate
+ACCUMULATORS = ("grad", "fisher", "hutchinson", "act_sq")  # see critical_weights.sensitivity.accumulate
 
 Tensor = Any  # a torch.Tensor; not imported, so that this module stays torch-free
 Part = Callable[[str], Tensor]
@@ -32,7 +33,7 @@ class Metric:
     name: str
     needs: tuple[str, ...]  # accumulators, from ACCUMULATORS
     score: Callable[[Tensor, Part], Tensor]  # (w, part) -> scores, see the module docstring
-    formula: str  # as the README's metric table writes it
+    formula: str  # as the metric table in docs/loss-and-metrics.md writes it
     meaning: str
 
 

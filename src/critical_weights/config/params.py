@@ -1,0 +1,162 @@
+"""params.yaml, loaded into frozen dataclasses and validated before any work starts.
+
+Each field states its default and its rule once, as `param(default, rule)`; the rules and
+the one generic section reader live in `params_rules`, the strict YAML reader in
+`params_yaml`. Every problem is collected and reported at once, each naming the key, the bad
+value and what is allowed. Unknown keys (typos included) are problems too, with the likely key
+suggested. Rules that join two sections are the cross-checks at the end of this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from critical_weights.config.rules import Boolean, Choice, ChoiceOrIndex, Choices, Integer, Integers, Number, Positive, Problems, String, param, read_section
+from critical_weights.config.strict_yaml import read_yaml
+from critical_weights.core.errors import ParamsError
+from critical_weights.metrics import METRICS
+
+RANK_MODES = ("per_layer", "per_block", "per_component", "global")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("none", "auto")
+PARAMETER_SETS = ("weights", "all")
+HEATMAP_STATS = ("max", "mean")
+PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
+CONTROLS = ("random_k", "bottom_k")
+BIT_NAMES = ("sign", "exponent_msb")
+DETECT_ON = ("prompt", "prepared")
+
+
+@dataclass(frozen=True)
+class TextsParams:
+    source: str = param("data/texts/corpus.jsonl", String())  # .jsonl/.txt/.parquet file, or a folder of .txt
+    n_texts: int = param(100, Integer(minimum=1))  # texts drawn with `seed`; fewer available -> all, with a warning
+    max_length: int = param(256, Integer(minimum=2))  # tokens per sequence, after the tokenizer's own special tokens
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = param("smollm2-135m", String())  # hub id, local HF directory, .gguf file, or smollm2-135m
+    dtype: str = param("auto", Choice(DTYPES))  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = param("auto", Choice(DEVICES))  # auto = cuda when available, else cpu
+    device_map: str = param("none", Choice(DEVICE_MAPS))  # auto = spread blocks over every visible GPU (accelerate)
+    trust_remote_code: bool = param(False, Boolean())  # never run a model's own code unless asked
+    allow_pickle: bool = param(False, Boolean())  # refuse .bin/.pt pickle checkpoints unless asked
+
+
+@dataclass(frozen=True)
+class SensitivityParams:
+    metrics: tuple[str, ...] = param(("grad_x_weight", "magnitude"), Choices(METRICS))  # computed in one run
+    parameters: str = param("weights", Choice(PARAMETER_SETS))  # weights = every weight tensor of ndim >= 2 (experts too); all = also norms and biases
+    micro_batch_size: int = param(8, Integer(minimum=1))  # sequences per forward+backward
+    batch_tokens: int = param(256, Integer(minimum=0))  # token budget per micro-batch (padded), 0 = no budget
+    keep: int = param(1000, Integer(minimum=1))  # top candidates kept per parameter and metric; rank.k must be <= keep
+    dense: bool = param(False, Boolean())  # also write every score (small models and tests only)
+    hutchinson_probes: int = param(8, Integer(minimum=1))  # Rademacher probes for the `hutchinson` metric
+    checkpointing: bool = param(True, Boolean())  # recompute each block's forward in backward: less memory, one more forward of the blocks
+
+
+@dataclass(frozen=True)
+class RankParams:
+    metric: str = param("grad_x_weight", Choice(METRICS))  # which computed metric to rank by
+    mode: str = param("per_layer", Choice(RANK_MODES))  # per_layer | per_block | per_component | global
+    k: int = param(100, Integer(minimum=1))  # critical weights per group (per_layer: per tensor)
+    include: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names; empty = all
+    exclude: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names to leave out
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    dpi: int = param(120, Integer(minimum=30, maximum=600))  # resolution of the PNG plots
+    heatmap_stat: str = param("max", Choice(HEATMAP_STATS))  # block x component cell: max or mean score
+    # the tensor whose pooled grid the heatmap shows: top (highest max score) or a parameter name
+    heatmap_tensor: str = param("top", String())
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    # bit_flip: sign | exponent_msb | an integer bit index (read first, so its problem is listed first)
+    bit: str | int = param("exponent_msb", ChoiceOrIndex(BIT_NAMES, 32, "a bit index"))
+    perturbations: tuple[str, ...] = param(("zero",), Choices(PERTURBATIONS))  # applied to the critical weights
+    controls: tuple[str, ...] = param(("random_k", "bottom_k"), Choices(CONTROLS))  # same count, other weights
+    k_values: tuple[int, ...] = param((1, 10, 100), Integers(minimum=1))  # damage curve over the global ranking
+    random_draws: int = param(3, Integer(minimum=1))  # independent random_k draws per critical set: mean and spread
+    exported: bool = param(True, Boolean())  # also perturb the exported set (rank.mode, rank.k)
+    # weights zeroed one at a time for the metric-predictiveness table; 0 = none
+    single_weights: int = param(8, Integer(minimum=0))
+    noise_sigma: float = param(1.0, Number(0.0, 1e6))  # gauss_noise: sigma as a multiple of |w|
+    n_texts: int = param(16, Integer(minimum=0))  # prepared (in-sample) texts measured, drawn with `seed`; 0 = all
+    # held-out texts (source texts prepare did not choose), as a share of n_texts; 0 = in-sample only
+    holdout: float = param(1.0, Number(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class SuperweightsParams:
+    prompt: str = param("Apple Inc. is a worldwide tech company.", String())  # the Super Weight paper's detection prompt
+    detect_on: str = param("prompt", Choice(DETECT_ON))  # prompt, or prepared: the n_texts measured texts, one pass each
+    # a spike is |activation| > threshold, at both the input and the output of an MLP output projection
+    threshold: float = param(50.0, Positive("the Super Weight paper uses 50"))
+    max_candidates: int = param(8, Integer(minimum=1, maximum=1000))  # zero each candidate and search again, at most this often
+    massive_top: int = param(3, Integer(minimum=1, maximum=100))  # largest hidden-state magnitudes reported per layer
+    top_k: int = param(100, Integer(minimum=1))  # global top-k by rank.metric checked against the spike channels
+    n_texts: int = param(16, Integer(minimum=0))  # prepared texts every loss is measured on, drawn as validate draws them; 0 = all
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = param(42, Integer(minimum=0, maximum=2**32 - 1))  # every random choice flows from here
+    texts: TextsParams = TextsParams()
+    model: ModelParams = ModelParams()
+    sensitivity: SensitivityParams = SensitivityParams()
+    rank: RankParams = RankParams()
+    plot: PlotParams = PlotParams()
+    validate: ValidateParams = ValidateParams()
+    superweights: SuperweightsParams = SuperweightsParams()
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Params))
+
+
+def parse_params(raw: Any) -> Params:
+    """Build Params from the parsed YAML, or raise ParamsError naming every problem."""
+    problems = Problems()
+    params = read_section(Params, raw, "", problems)
+    problems.extend(_cross_checks(params, problems))
+    if problems:
+        raise ParamsError(problems)
+    return params
+
+
+def _cross_checks(p: Params, found: Problems) -> list[str]:
+    """Rules that join two sections, checked only between values that were not refused
+    (a refused value stands in as its default, which the user never wrote)."""
+    problems = []
+    if found.fine("rank.metric", "sensitivity.metrics") and p.rank.metric not in p.sensitivity.metrics:
+        problems.append(
+            f"rank.metric: {p.rank.metric!r} is not computed; sensitivity.metrics has "
+            f"{', '.join(p.sensitivity.metrics)}"
+        )
+    if found.fine("rank.k", "sensitivity.keep") and p.rank.k > p.sensitivity.keep:
+        problems.append(
+            f"rank.k: {p.rank.k} exceeds sensitivity.keep {p.sensitivity.keep}; "
+            "raise sensitivity.keep so the ranking stays exact"
+        )
+    if found.fine("validate.k_values", "sensitivity.keep") and max(p.validate.k_values) > p.sensitivity.keep:
+        problems.append(
+            f"validate.k_values: {max(p.validate.k_values)} exceeds sensitivity.keep {p.sensitivity.keep}"
+        )
+    if found.fine("model.device_map", "model.device") and p.model.device_map == "auto" and p.model.device == "cpu":
+        problems.append("model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'")
+    return problems
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml: UTF-8 YAML whose top level maps section names to values."""
+    raw = read_yaml(path)
+    if raw is None:
+        raise ParamsError([f"{path}: is empty; expected a mapping of the sections {', '.join(SECTIONS)}"])
+    return parse_params(raw)

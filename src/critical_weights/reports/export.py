@@ -1,0 +1,139 @@
+"""What the user gets: the critical weights as CSV, statistics, a manifest and DVC metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from critical_weights import __version__
+from critical_weights.artifacts import shards
+from critical_weights.artifacts.prepared_texts import read_prepared_meta
+from critical_weights.artifacts.ranked_file import read_ranked
+from critical_weights.config.params import RankParams
+from critical_weights.core.outputs import csv_text, write_json, write_text
+from critical_weights.ranking.overlap import metric_overlap
+from critical_weights.ranking.topk import Place, rank_every_metric
+from critical_weights.reports.experts import expert_importance
+
+CSV_COLUMNS = ("rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
+               "score", "weight", "gradient", "metric", "token")
+VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
+
+
+def critical_csv(ranked: pa.Table, places: dict[str, Place]) -> str:
+    """One row per critical weight, with exactly CSV_COLUMNS; `places` gives each parameter's
+    (block, component) as the sensitivity stage found them in the model."""
+    rows = []
+    for r in ranked.to_pylist():
+        block, component = places[r["parameter"]]
+        row = {**r, "block": block, "component": component}
+        rows.append([row[c] for c in CSV_COLUMNS])
+    return csv_text(CSV_COLUMNS, rows)
+
+
+def parameter_stats(stats: pa.Table) -> dict[str, Any]:
+    """Per parameter: shape, block, component and, per metric, the exact statistics."""
+    out: dict[str, Any] = {}
+    for r in stats.drop_columns(["hist", "grid", "grid_rows", "grid_cols", "expert_sum", "expert_max"]).to_pylist():
+        entry = out.setdefault(r["parameter"], {
+            "index": r["param_index"], "shape": r["shape"], "n_weights": r["count"],
+            "block": r["block"], "component": r["component"], "layout": r["layout"],
+            "n_experts": r["n_experts"], "metrics": {},
+        })
+        entry["metrics"][r["metric"]] = {k: r[k] for k in ("count", "sum", "mean", "std", "min", "max", "zeros", "negatives")}
+    return out
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "critical_weights": __version__}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def concentration(ranked: pa.Table) -> dict[str, Any]:
+    """Per tensor, how concentrated its critical weights are in a few columns or rows.
+
+    `top_col_share` is the share of the tensor's critical weights in its most frequent input
+    column (the super-weight signature is one column holding most of them).
+    """
+    out = {}
+    for name in dict.fromkeys(ranked["parameter"].to_pylist()):
+        part = ranked.filter(pc.equal(ranked["parameter"], name))
+        n = part.num_rows
+        out[name] = {}
+        for axis in ("col", "row"):
+            counts = pc.value_counts(part[axis]).to_pylist()
+            best = max(counts, key=lambda c: (c["counts"], -c["values"]))
+            out[name][f"top_{axis}"] = best["values"]
+            out[name][f"top_{axis}_share"] = best["counts"] / n
+            out[name][f"distinct_{axis}s"] = len(counts)
+    return out
+
+
+def critical_summary(ranked: pa.Table, metric_stats: pa.Table, rank: dict[str, Any]) -> dict[str, Any]:
+    """The critical set against every score of the ranked metric.
+
+    `share_of_total_score` is the critical scores' sum over the sum of every score of every
+    scored weight: how much of the total sensitivity the critical set holds. `min_score` is
+    the lowest critical score; outside `global` mode each group has its own cut-off."""
+    total_sum = sum(metric_stats["sum"].to_pylist())
+    scores = ranked["score"].to_numpy().astype("float64")  # (n_critical,)
+    return {
+        "metric": rank["metric"], "mode": rank["mode"], "k": rank["k"], "n_critical": ranked.num_rows,
+        "min_score": float(scores.min()) if len(scores) else None,
+        "mean_score_all_weights": total_sum / max(1, sum(metric_stats["count"].to_pylist())),
+        "share_of_total_score": float(scores.sum() / total_sum) if total_sum else None,
+    }
+
+
+def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Path) -> None:
+    """Write critical_weights.csv, sensitivity_stats.json, metric_overlap.json, manifest.json
+    and metrics.json."""
+    meta = shards.read_meta(sensitivity)
+    stats = shards.read_stats(sensitivity)
+    ranked, rank_info = read_ranked(ranked_dir)
+    metric = rank_info["rank"]["metric"]
+    csv_text = critical_csv(ranked, shards.places(stats))
+    write_text(reports / "critical_weights.csv", csv_text)
+
+    metric_stats = stats.filter(pc.equal(stats["metric"], metric))
+    totals = {
+        "n_tensors": meta["n_parameters"], "n_weights": meta["n_weights"],
+        "n_texts": meta["n_sequences"], "n_tokens": meta["n_tokens"],
+        "loss": meta["avg_loss"], "perplexity": meta["perplexity"],
+    }
+    write_json(reports / "sensitivity_stats.json", {
+        "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,
+        "critical_set": critical_summary(ranked, metric_stats, rank_info["rank"]),
+        "parameters": parameter_stats(stats), "concentration": concentration(ranked),
+        "wanda_skipped": meta.get("wanda_skipped", {}),
+        "experts": {"metric": metric, "layers": expert_importance(meta, stats, ranked, metric)},
+    })
+    rank_params = RankParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in rank_info["rank"].items()})
+    write_json(reports / "metric_overlap.json", {
+        "rank": rank_info["rank"], "metrics": meta["metrics"],
+        "pairs": metric_overlap(rank_every_metric(sensitivity, rank_params)),
+    })
+    prep_meta = read_prepared_meta(prepared)
+    write_json(reports / "manifest.json", {
+        "params": {**meta["params"], "texts": json.loads(prep_meta["params"])["texts"], "rank": rank_info["rank"]},
+        "model": meta["model"],
+        "texts": {"source": prep_meta["source"], "n_available": int(prep_meta["n_available"]),
+                  "n_texts": int(prep_meta["n_texts"]), "token_sha256": prep_meta["text_sha256"]},
+        "critical_weights_csv_sha256": hashlib.sha256(csv_text.encode()).hexdigest(),
+        "versions": versions(),
+    })
+    write_json(reports / "metrics.json", {
+        **totals, "n_critical": ranked.num_rows, "max_score": float(pc.max(metric_stats["max"]).as_py()),
+    })

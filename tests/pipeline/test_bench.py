@@ -1,0 +1,171 @@
+"""The benchmark harness (benchmarks/bench.py) runs on the CPU at the tiny size, so it cannot rot.
+
+No wall-clock assertions: only that every phase is run and recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+BENCH = ROOT / "benchmarks"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the harness modules import each other by name
+    return _module("bench")
+
+
+@pytest.fixture(scope="module")
+def workload(bench):
+    return sys.modules["workload"]
+
+
+def _run(bench, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "record.json"
+    args = ["--size", "tiny", "--device", "cpu", "--n-seq", "4", "--seq-len", "16", "--keep", "50", "--k", "5",
+            "--work-dir", str(tmp_path / "work"), "--json", str(out), *extra]
+    result = CliRunner().invoke(bench.main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(out.read_text())
+
+
+def test_llama_3_1_8b_shapes(workload) -> None:
+    """The 8B shape has Llama-3.1-8B's 226 matrices and 8,029,995,008 weights (built on the meta device)."""
+    model = workload.build_model("llama-3.1-8b", torch.device("meta"), torch.bfloat16, seed=0)
+    assert workload.matrix_counts(model) == (226, 8_029_995_008, 8_029_995_008 - 128256 * 4096)
+
+
+def test_tokenizer_round_trip(workload) -> None:
+    ids = workload.random_ids(3, 7, 512, seed=1)
+    tok = workload.build_tokenizer(512)
+    assert [tok(workload.as_text(s))["input_ids"] for s in ids] == ids
+
+
+def test_in_process_records_every_phase(bench, tmp_path: Path) -> None:
+    record = _run(bench, tmp_path)
+    phases = {p["phase"]: p for p in record["phases"]}
+    assert list(phases) == ["build model", "forward+backward", "score and write",
+                            "rank per_layer", "rank global", "export", "plot"]
+    assert record["n_matrices"] == 16 and record["tokens"] == 64
+    assert record["train_flop"] == 6 * record["n_weights_but_embedding"] * 64
+    for p in phases.values():
+        assert math.isfinite(p["seconds"]) and isinstance(p["host_peak_bytes"], int)
+    fb = phases["forward+backward"]
+    assert fb["tokens_per_s"] == pytest.approx(64 / fb["seconds"])
+    assert fb["tflops"] == pytest.approx(record["train_flop"] / fb["seconds"] / 1e12)
+    for name in ("rank per_layer", "rank global", "export", "plot"):
+        assert phases[name]["where"] == "subprocess"
+        assert phases[name]["torch_imported"] is False  # stages after sensitivity stay torch-free
+    work = tmp_path / "work"
+    assert (work / "reports" / "critical_weights.csv").is_file()
+    assert (work / "reports" / "plots" / "sensitivity_distribution.png").is_file()
+    assert (work / "ranked_global" / "critical.parquet").is_file()
+
+
+@pytest.mark.slow
+def test_chain_records_every_stage(bench, tmp_path: Path) -> None:
+    record = _run(bench, tmp_path, "--chain")
+    names = [p["phase"] for p in record["phases"]]
+    assert names == ["build and save model (not in the chain)", "stage prepare", "stage sensitivity",
+                     "stage rank", "stage export", "stage plot"]
+    sens = record["phases"][2]
+    assert {"load model", "forward+backward", "score and write"} <= set(sens["stage_phases_s"])
+    assert record["chain_excluding_load_s"] == pytest.approx(record["chain_s"] - record["chain_load_model_s"])
+
+
+def test_shards_only_writes_shards_the_stages_read(bench, tmp_path: Path) -> None:
+    """Synthetic shards come from the library's own row builders, so rank, export and plot read them."""
+    from critical_weights.artifacts import shards
+
+    record = _run(bench, tmp_path, "--shards-only")
+    assert [p["phase"] for p in record["phases"]] == [
+        "write synthetic shards (host side of score and write)", "rank per_layer", "rank global", "export", "plot"]
+    sens = tmp_path / "work" / "sensitivity"
+    stats = shards.read_stats(sens)
+    assert stats.num_rows == 16 * 2  # every matrix of the tiny size, two metrics
+    top = shards.read_candidates(sens, stats, "grad_x_weight")
+    assert top.num_rows == 16 * 50 and (tmp_path / "work" / "reports" / "critical_weights.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def gpu(bench):
+    return _module("gpu")
+
+
+def _fake_run(phases: list[dict], **extra) -> dict:
+    return {"name": "x", "record": {"phases": phases, **extra}}
+
+
+def test_gpu_targets_are_judged_from_the_records(gpu) -> None:
+    gib = 1 << 30
+    dense = _fake_run([{"phase": "forward+backward", "seconds": 4.0, "tflops": 500.0, "gpu_peak_bytes": 60 * gib},
+                       {"phase": "score and write", "seconds": 1.5, "gpu_peak_bytes": 70 * gib}])
+    chain = _fake_run([], chain_excluding_load_s=29.0)
+    got = {t["target"]: (t["measured"], t["met"]) for t in gpu.judge([dense, chain, {"name": "moe"}], dry_run=False)}
+    assert got == {"tflops": (500.0, True), "score_and_write_s": (1.5, False), "gpu_peak_gib": (70.0, True),
+                   "chain_without_load_s": (29.0, True)}
+    failed = gpu.judge([{"name": "a", "error": "x"}, {"name": "b", "error": "y"}, {"name": "c"}], dry_run=False)
+    assert all(t["measured"] is None and t["met"] is None for t in failed)  # unmeasured, never "met"
+    dry = gpu.judge([dense, chain, {"name": "moe"}], dry_run=True)
+    assert all(t["met"] is None for t in dry)
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """The one-call GPU script, on the CPU at the tiny sizes: every run completes and both
+    files are written; no target is judged."""
+    import subprocess
+
+    out = tmp_path / "gpu"
+    done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "gpu.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["in-process tiny", "chain tiny", "in-process tiny-moe"]
+    assert all("record" in r for r in report["runs"])
+    moe = report["runs"][2]["record"]
+    assert moe["n_matrices"] == 16 and moe["n_active_weights_but_embedding"] < moe["n_weights_but_embedding"]
+    assert {t["target"] for t in report["targets"]} == set(gpu_targets()) and all(t["met"] is None for t in report["targets"])
+    md = (out / "gpu.md").read_text()
+    assert "CPU dry run" in md and "### chain tiny" in md and "| forward+backward | in-process |" in md
+
+
+def gpu_targets() -> tuple[str, ...]:
+    return ("tflops", "score_and_write_s", "gpu_peak_gib", "chain_without_load_s")
+
+
+@pytest.mark.slow
+def test_memory_script_measures_every_setting_to_the_same_loss() -> None:
+    """benchmarks/memory.py on the embedded default: one line per setting, the same loss for
+    each, and recomputing the blocks lowers the peak (2 x 256 tokens: by hundreds of MiB)."""
+    import re
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "memory.py"), "--n-texts", "2"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert len({line.rsplit("loss ", 1)[1] for line in lines}) == 1
+    peak = {line.split(":")[0]: int(re.search(r"peak (\d+) MiB", line)[1]) for line in lines}
+    assert peak["8 sequences, checkpointing"] < peak["8 sequences, no checkpointing (the old default)"] - 100
