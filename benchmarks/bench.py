@@ -5,7 +5,7 @@ device (bfloat16 on CUDA, float32 on the CPU), draws N_SEQ x SEQ_LEN random toke
 the seed, and runs the library code the stages run:
 
 - in-process (default): `sensitivity.compute_shards` (forward+backward, then scoring and
-  shard writing), then rank (per_layer and global), export and plot, each of those in a
+  shard writing), then rank (per_tensor and global), export and plot, each of those in a
   process of its own (benchmarks/phase.py) so that its peak host memory is its own;
 - `--chain`: the same work as DVC runs it, one `python stages/<stage>.py` process per
   stage, on a model folder written with `save_pretrained`; model load is reported apart;

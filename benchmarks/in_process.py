@@ -43,12 +43,12 @@ def run_in_process(size: str, device: torch.device, dtype: torch.dtype, params_r
 
 
 def torch_free_phases(work: Path, metric: str, k: int) -> list[dict[str, Any]]:
-    """rank (per_layer, then global), export and plot over WORK's shards, each in a process of its own."""
+    """rank (per_tensor, then global), export and plot over WORK's shards, each in a process of its own."""
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     sens, ranked, reports = work / "sensitivity", work / "ranked", work / "reports"
     runs = [(f"rank {mode}", ["rank", "--sensitivity", sens, "--out", out, "--metric", metric, "--mode", mode, "--k", k])
-            for mode, out in (("per_layer", ranked), ("global", work / "ranked_global"))]
+            for mode, out in (("per_tensor", ranked), ("global", work / "ranked_global"))]
     runs.append(("export", ["export", "--sensitivity", sens, "--ranked", ranked, "--prepared", work / "prepared",
                             "--reports", reports]))
     runs.append(("plot", ["plot", "--sensitivity", sens, "--ranked", ranked, "--overlap", reports / "metric_overlap.json",

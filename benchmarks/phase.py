@@ -46,7 +46,7 @@ def main(ctx: click.Context, result: Path) -> None:
 @click.option("--sensitivity", type=_DIR, required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--metric", default="grad_x_weight", show_default=True)
-@click.option("--mode", default="per_layer", show_default=True)
+@click.option("--mode", default="per_tensor", show_default=True)
 @click.option("--k", type=int, default=100, show_default=True)
 @click.pass_obj
 def rank(result: Path, sensitivity: Path, out: Path, metric: str, mode: str, k: int) -> None:

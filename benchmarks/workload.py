@@ -141,6 +141,6 @@ def bench_params(n_seq: int, seq_len: int, micro_batch: int, batch_tokens: int, 
         "model": {"name": model_name, "dtype": "auto", "device": device},
         "sensitivity": {"metrics": list(metrics), "micro_batch_size": micro_batch, "batch_tokens": batch_tokens,
                         "keep": keep, "checkpointing": checkpointing},
-        "rank": {"metric": metrics[0], "mode": "per_layer", "k": k},
+        "rank": {"metric": metrics[0], "mode": "per_tensor", "k": k},
         "validate": {"k_values": sorted({1, min(k, keep), keep})},
     }

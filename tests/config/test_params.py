@@ -26,7 +26,7 @@ def test_project_params_yaml_parses_to_the_defaults():
     params = load_params(ROOT / "params.yaml")
     assert params == Params()
     assert params.sensitivity.metrics == ("grad_x_weight", "magnitude")
-    assert params.rank == RankParams(metric="grad_x_weight", mode="per_layer", k=100, include=(), exclude=())
+    assert params.rank == RankParams(metric="grad_x_weight", mode="per_tensor", k=100, include=(), exclude=())
 
 
 def test_project_params_yaml_spells_every_default_explicitly():
@@ -67,10 +67,10 @@ def test_every_problem_is_reported_at_once():
     assert problems(raw) == [
         "seed: -1 must be an integer between 0 and 4294967295",
         "texts.n_texts: 0 must be an integer >= 1",
-        "model.dtype: 'float8' is not one of auto, float32, bfloat16, float16",
+        "model.dtype: 'float8' is not one of auto, float32, bfloat16, float16 (did you mean float32?)",
         f"sensitivity.metrics: 'bogus' not one of {ALL_METRICS}",
         "sensitivity.micro_batch_size: 'eight' is not an integer",
-        "rank.mode: 'per_head' is not one of per_layer, per_block, per_component, global",
+        "rank.mode: 'per_head' is not one of per_tensor, per_block, per_component, global",
         "rank.k: 0 must be an integer >= 1",
         "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode",
         "plot.dpi: 10 must be an integer between 30 and 600",
@@ -86,7 +86,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     assert info.value.problems == [
         "sensitivity.keep: 0 must be an integer >= 1",
         f"rank.metric: 'bogus' is not one of {ALL_METRICS}",
-        "rank.mode: 'nope' is not one of per_layer, per_block, per_component, global",
+        "rank.mode: 'nope' is not one of per_tensor, per_block, per_component, global",
     ]
 
 
@@ -94,7 +94,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"sensitivity": {"metrics": ["grad_x_weight", "bogus", "worse"]}},
      f"sensitivity.metrics: 'bogus', 'worse' not one of {ALL_METRICS}"),
     ({"rank": {"metric": "bogus"}}, f"rank.metric: 'bogus' is not one of {ALL_METRICS}"),
-    ({"rank": {"mode": "per_head"}}, "rank.mode: 'per_head' is not one of per_layer, per_block, per_component, global"),
+    ({"rank": {"mode": "per_head"}}, "rank.mode: 'per_head' is not one of per_tensor, per_block, per_component, global"),
     ({"rank": {"k": 0}}, "rank.k: 0 must be an integer >= 1"),
     ({"rank": {"k": -3}}, "rank.k: -3 must be an integer >= 1"),
     ({"rank": {"k": True}}, "rank.k: True is not an integer"),
@@ -117,7 +117,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"rank": {"include": "x"}}, "rank.include: 'x' must be a list of strings"),
     ({"model": {"name": ""}}, "model.name: '' must be a non-empty string"),
     ({"texts": 5}, "texts: 5 is not a mapping"),
-    ({"plot": {"heatmap_stat": "median"}}, "plot.heatmap_stat: 'median' is not one of max, mean"),
+    ({"plot": {"heatmap_stat": "median"}}, "plot.heatmap_stat: 'median' is not one of max, mean (did you mean mean?)"),
     ({"superweights": {"threshold": 0}}, "superweights.threshold: 0 must be a positive number (the Super Weight paper uses 50)"),
     ({"superweights": {"threshold": -5.5}},
      "superweights.threshold: -5.5 must be a positive number (the Super Weight paper uses 50)"),

@@ -104,3 +104,23 @@ def test_every_params_field_states_its_rule_once():
 
 def _as_yaml(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def test_choice_maps_an_alias_to_its_name_and_suggests_a_close_one():
+    rule = Choice(("per_tensor", "global"), (("per_layer", "per_tensor"),))
+    assert rule.check("per_layer") == "per_tensor" and rule.check("global") == "global"
+    with pytest.raises(Refused, match=r"^'per_tensr' is not one of per_tensor, global \(did you mean per_tensor\?\)$"):
+        rule.check("per_tensr")
+    with pytest.raises(Refused, match=r"^'zzz' is not one of per_tensor, global$"):  # nothing close: no guess
+        rule.check("zzz")
+
+
+def test_choices_suggest_a_close_name_for_each_misspelt_entry():
+    with pytest.raises(Refused, match=r"^'fishr' not one of fisher, magnitude \(did you mean fisher\?\)$"):
+        Choices(("fisher", "magnitude")).check(["magnitude", "fishr"])
+
+
+def test_rank_mode_per_layer_is_read_as_per_tensor():
+    from critical_weights.config.params import parse_params
+
+    assert parse_params({"rank": {"mode": "per_layer"}}).rank.mode == "per_tensor"

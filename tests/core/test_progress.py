@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -98,3 +99,17 @@ def test_timings_record_the_peak_memory_where_it_was_reached(tmp_path):
     assert list(after) == ["small", "big"]
     assert after["big"] >= after["small"] + 250  # the process's peak rose by the block in the second phase
     assert record["peak_memory_mib"] >= after["big"]
+
+
+def test_counted_logs_the_plan_a_heartbeat_with_an_eta_and_the_total(caplog):
+    with caplog.at_level(logging.INFO, logger="critical_weights"):
+        with progress_mod.counted("validate: loss evaluations", 3, every_s=0.05) as step:
+            step()
+            time.sleep(0.2)  # a long unit: the heartbeat speaks in the middle of it
+            step()
+            step()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "validate: loss evaluations: 3 planned"
+    beats = [m for m in lines if m.startswith("validate: loss evaluations: 1/3, ")]
+    assert beats and all("elapsed, ETA " in m and "unknown" not in m for m in beats)
+    assert re.fullmatch(r"validate: loss evaluations: 3/3 done in \d+ s", lines[-1])

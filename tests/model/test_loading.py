@@ -4,6 +4,7 @@ identity recorded in the outputs. (What `model.name` refers to: test_model_sourc
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 
 import pytest
@@ -84,3 +85,13 @@ def test_custom_code_never_runs_unasked(tiny_model_dir):
     with pytest.raises(ModelError, match=r"needs its own Python code \(mine.Model"):
         pretrained_kwargs(source, CPU)
     assert pretrained_kwargs(source, ModelParams(trust_remote_code=True))["trust_remote_code"] is True
+
+
+def test_special_token_ids_outside_the_vocabulary_are_warned_and_recorded(tiny_model, caplog):
+    tiny_model.config.eos_token_id = 50256  # GPT-2's default, beyond the tiny model's 96 rows
+    tiny_model.config.pad_token_id = 3
+    with caplog.at_level(logging.WARNING, logger="critical_weights.model.loading"):
+        assert loading.special_tokens_outside("tiny", tiny_model) == {"eos_token_id": 50256}
+    assert "config eos_token_id = 50256 lies outside the vocabulary of 96" in caplog.text
+    tiny_model.config.eos_token_id = [2, 99]
+    assert loading.special_tokens_outside("tiny", tiny_model) == {"eos_token_id[1]": 99}

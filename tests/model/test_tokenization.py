@@ -17,7 +17,8 @@ from _gguf import write_tiny_gguf
 from _tiny import CORPUS, build_tokenizer
 from critical_weights.config.params import ModelParams
 from critical_weights.model import gguf_cache, tokenization
-from critical_weights.model.source import resolve_source
+from critical_weights.core.errors import ModelError
+from critical_weights.model.source import ModelSource, resolve_source
 
 TEXTS = ["Weights that matter: 3.14, naïve café, def f(x): return x", "  two  spaces\tand a tab\n", ""]
 
@@ -89,3 +90,38 @@ print(sorted(m for m in ("torch", "transformers.modeling_utils") if m in sys.mod
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "prepared" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_class_that_splits_otherwise_than_the_folders_tokenizer_json_is_one_line(tmp_path):
+    """transformers may load a folder's tokenizer as a model-specific class that rebuilds it
+    (Qwen2's does); here the stand-in is a tokenizer over a reversed vocabulary."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    saved = build_tokenizer()
+    saved.save_pretrained(tmp_path)
+    source = ModelSource("my-model", "directory", str(tmp_path))
+    texts = ["The river ran.", "A cat sat on the mat."]
+    tokenization.check_against_file(source, saved, texts)  # the file's own class: no complaint
+    vocab = saved.get_vocab()
+    backwards = Tokenizer(WordLevel(vocab={w: len(vocab) - 1 - i for w, i in vocab.items()}, unk_token="[UNK]"))
+    backwards.pre_tokenizer = Whitespace()
+    swapped = PreTrainedTokenizerFast(tokenizer_object=backwards, unk_token="[UNK]")
+    with pytest.raises(ModelError, match=(
+            r"^model.name: my-model: transformers loads its tokenizer as \w+, which splits 2 of 2 "
+            r"texts differently from the folder's tokenizer.json; set \"tokenizer_class\": \"TokenizersBackend\" in "
+            r"its tokenizer_config.json to use the file as it is$")):
+        tokenization.check_against_file(source, swapped, texts)
+    tokenization.check_against_file(ModelSource("gguf", "gguf", str(tmp_path)), swapped, texts)  # no file to hold to
+
+
+def test_the_saved_tokenizer_must_give_the_prepared_ids_again(tmp_path):
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    texts = ["The river ran.", "A cat sat on the mat."]
+    ids = [tok(t)["input_ids"][:3] for t in texts]
+    tokenization.check_reloads(tmp_path, texts, ids, 3)
+    with pytest.raises(ModelError, match=r"^prepare: the saved tokenizer reloads as \w+ and tokenises 1 of 2 texts"):
+        tokenization.check_reloads(tmp_path, texts, [ids[0], ids[1][:-1]], 3)

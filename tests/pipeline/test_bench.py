@@ -65,7 +65,7 @@ def test_in_process_records_every_phase(bench, tmp_path: Path) -> None:
     record = _run(bench, tmp_path)
     phases = {p["phase"]: p for p in record["phases"]}
     assert list(phases) == ["build model", "forward+backward", "score and write",
-                            "rank per_layer", "rank global", "export", "plot"]
+                            "rank per_tensor", "rank global", "export", "plot"]
     assert record["n_matrices"] == 16 and record["tokens"] == 64
     assert record["train_flop"] == 6 * record["n_weights_but_embedding"] * 64
     for p in phases.values():
@@ -73,7 +73,7 @@ def test_in_process_records_every_phase(bench, tmp_path: Path) -> None:
     fb = phases["forward+backward"]
     assert fb["tokens_per_s"] == pytest.approx(64 / fb["seconds"])
     assert fb["tflops"] == pytest.approx(record["train_flop"] / fb["seconds"] / 1e12)
-    for name in ("rank per_layer", "rank global", "export", "plot"):
+    for name in ("rank per_tensor", "rank global", "export", "plot"):
         assert phases[name]["where"] == "subprocess"
         assert phases[name]["torch_imported"] is False  # stages after sensitivity stay torch-free
     work = tmp_path / "work"
@@ -99,7 +99,7 @@ def test_shards_only_writes_shards_the_stages_read(bench, tmp_path: Path) -> Non
 
     record = _run(bench, tmp_path, "--shards-only")
     assert [p["phase"] for p in record["phases"]] == [
-        "write synthetic shards (host side of score and write)", "rank per_layer", "rank global", "export", "plot"]
+        "write synthetic shards (host side of score and write)", "rank per_tensor", "rank global", "export", "plot"]
     sens = tmp_path / "work" / "sensitivity"
     stats = shards.read_stats(sens)
     assert stats.num_rows == 16 * 2  # every matrix of the tiny size, two metrics

@@ -26,7 +26,7 @@ def test_the_readme_compare_recipe_works_without_a_remote(repo: Path) -> None:
     header = shown.splitlines()[0]
     assert "seed" in header and "loss" in header and "rank.k" not in header, header
     diff = run_in(["dvc", "exp", "diff", "s1", "s2", "--md"], repo).stdout
-    assert "seed" in diff and "baseline_loss" in diff
+    assert "seed" in diff and "loss_heldout" in diff
     (repo / ".dvc" / "tmp" / "offline_plots.html").write_text(offline_plots.template(offline_plots.bundle()))  # as setup.sh does
     run_in(["dvc", "plots", "diff", "s1", "s2", "-o", "plots_page"], repo)
     assert (repo / "plots_page" / "index.html").is_file()

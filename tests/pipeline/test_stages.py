@@ -14,7 +14,7 @@ from _cli import assert_error, invoke
 from _tiny import CORPUS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CSV_HEADER = "rank,parameter,block,component,expert,row,col,flat_index,score,weight,gradient,metric,token"
+CSV_HEADER = "global_rank,group_rank,parameter,block,component,expert,row,col,flat_index,score,weight,gradient,metric,token_id,token"
 ALL_METRICS = "grad_x_weight, gradient, magnitude, fisher, taylor2, hutchinson, wanda"
 STAGES = ("prepare", "sensitivity", "rank", "export", "plot", "superweights")
 
@@ -26,7 +26,7 @@ def small_params(model_dir: Path | str, **sections: dict) -> dict:
         "texts": {"source": str(CORPUS), "n_texts": 8, "max_length": 24},
         "model": {"name": str(model_dir), "device": "cpu", "dtype": "float32"},
         "sensitivity": {"metrics": ["grad_x_weight", "magnitude"], "micro_batch_size": 4, "keep": 20},
-        "rank": {"metric": "grad_x_weight", "mode": "per_layer", "k": 5},
+        "rank": {"metric": "grad_x_weight", "mode": "per_tensor", "k": 5},
         "plot": {"dpi": 40},
         "validate": {"k_values": [1, 5]},
     }
@@ -70,7 +70,7 @@ def test_every_params_problem_on_one_line(tmp_path, write_params):
     params = write_params(small_params("x", sensitivity={"keep": 100}, rank={"mode": "per_head", "k": 0, "kk": 1}))
     result = invoke("prepare", "--params", params, "--source", CORPUS, "--out", tmp_path / "out")
     assert_error(result, (
-        "invalid params.yaml: rank.mode: 'per_head' is not one of per_layer, per_block, per_component, global; "
+        "invalid params.yaml: rank.mode: 'per_head' is not one of per_tensor, per_block, per_component, global; "
         "rank.k: 0 must be an integer >= 1; "
         "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode"))
 
@@ -172,14 +172,17 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, write_params, request, ti
     assert text.splitlines()[0] == CSV_HEADER
     with open(reports / "critical_weights.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    tensors = list(dict.fromkeys(r["parameter"] for r in rows))
+    tensors = sorted(set(r["parameter"] for r in rows), key=lambda n: (n != "model.embed_tokens.weight", n == "lm_head.weight", n))
     expected_tensors = ["model.embed_tokens.weight",
                         *(f"model.layers.{b}.{m}.weight" for b in range(2)
                           for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))]
     if not tied:
         expected_tensors.append("lm_head.weight")
-    assert tensors == expected_tensors
+    assert tensors == sorted(expected_tensors, key=lambda n: (n != "model.embed_tokens.weight", n == "lm_head.weight", n))
+    assert [int(r["global_rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True), "best first over the whole file"
     assert len(rows) == k * len(expected_tensors)
 
     stats = json.loads((reports / "sensitivity_stats.json").read_text(encoding="utf-8"))["parameters"]
@@ -195,9 +198,10 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, write_params, request, ti
         assert r["component"] == ".".join(path[3:] if in_block else [p for p in path if p != "model"])
         assert r["expert"] == ""
         assert (r["token"] == "") == in_block  # decoded tokens for embedding and head rows only
+        assert r["token_id"] == ("" if in_block else r["row"])
     for name in tensors:
-        ranks = [int(r["rank"]) for r in rows if r["parameter"] == name]
-        assert ranks == list(range(1, k + 1))
+        ranks = [int(r["group_rank"]) for r in rows if r["parameter"] == name]
+        assert ranks == list(range(1, k + 1))  # best first within each tensor too
         scores = [float(r["score"]) for r in rows if r["parameter"] == name]
         assert scores == sorted(scores, reverse=True)
 
@@ -210,7 +214,7 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, write_params, request, ti
     metrics = json.loads((reports / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_critical"] == len(rows)
     assert metrics["n_tensors"] == len(expected_tensors)
-    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss", "perplexity", "n_critical", "max_score"}
+    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss_prepared", "perplexity_prepared", "n_critical", "max_score"}
     stats = json.loads((reports / "sensitivity_stats.json").read_text(encoding="utf-8"))
     critical = stats["critical_set"]
     assert critical["n_critical"] == len(rows) and critical["min_score"] == pytest.approx(min(float(r["score"]) for r in rows))

@@ -20,7 +20,7 @@ from critical_weights.model.layout import place
 from critical_weights.ranking.stage import run_rank
 from critical_weights.ranking.topk import group_of
 
-MODES = ("per_layer", "per_block", "per_component", "global")
+MODES = ("per_tensor", "per_block", "per_component", "global")
 BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -31,7 +31,7 @@ def brute_group(mode: str, parameter: str) -> str:
     module = parameter[m.end():] if m else parameter.removeprefix("model.")
     module = module.removesuffix(".weight")
     return {
-        "per_layer": parameter,
+        "per_tensor": parameter,
         "per_component": module,
         "per_block": f"block {m.group(1)}" if m else module,
         "global": "all",
@@ -140,9 +140,9 @@ def test_rank_equals_brute_force_over_dense_scores(dense_shards, tmp_path, mode,
     assert info["rank"] == {"metric": metric, "mode": mode, "k": k, "include": [], "exclude": []}
 
 
-def test_per_layer_gives_k_per_tensor_and_global_gives_k(dense_shards, tmp_path):
+def test_per_tensor_gives_k_per_tensor_and_global_gives_k(dense_shards, tmp_path):
     sens, params = dense_shards
-    run_rank(sens, dataclasses.replace(params.rank, mode="per_layer", k=7), tmp_path / "a")
+    run_rank(sens, dataclasses.replace(params.rank, mode="per_tensor", k=7), tmp_path / "a")
     table, info = read_ranked(tmp_path / "a")
     names = [n for _, n, _ in dense_scores(sens, "grad_x_weight")]
     assert table.num_rows == 7 * len(names)
@@ -156,7 +156,7 @@ def test_wanda_ranks_without_the_skipped_embedding(dense_shards, tmp_path):
     sens, params = dense_shards
     meta = shards.read_meta(sens)
     assert list(meta["wanda_skipped"]) == ["model.embed_tokens.weight"]
-    run_rank(sens, dataclasses.replace(params.rank, metric="wanda", mode="per_layer", k=3), tmp_path / "r")
+    run_rank(sens, dataclasses.replace(params.rank, metric="wanda", mode="per_tensor", k=3), tmp_path / "r")
     table, _ = read_ranked(tmp_path / "r")
     assert "model.embed_tokens.weight" not in set(table["parameter"].to_pylist())
 
@@ -166,7 +166,7 @@ def test_ranked_rows_carry_consistent_positions_weights_and_gradients(dense_shar
 
     sens, params = dense_shards
     weights = load_file(str(Path(params.model.name) / "model.safetensors"))
-    run_rank(sens, dataclasses.replace(params.rank, mode="per_layer", k=10), tmp_path / "r")
+    run_rank(sens, dataclasses.replace(params.rank, mode="per_tensor", k=10), tmp_path / "r")
     table, _ = read_ranked(tmp_path / "r")
     n_cols = {r["parameter"]: r["n_cols"] for r in shards.read_stats(sens).to_pylist()}
     for r in table.to_pylist():
@@ -184,7 +184,7 @@ def test_ranked_rows_carry_consistent_positions_weights_and_gradients(dense_shar
     (("lm_head*", "*down_proj*"), (), ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
                                        "lm_head.weight"]),
 ])
-@pytest.mark.parametrize("mode", ["per_layer", "global", "per_block"])
+@pytest.mark.parametrize("mode", ["per_tensor", "global", "per_block"])
 def test_include_and_exclude_patterns(dense_shards, tmp_path, include, exclude, expected, mode):
     sens, params = dense_shards
     rank = dataclasses.replace(params.rank, mode=mode, k=9, include=include, exclude=exclude)
@@ -194,7 +194,7 @@ def test_include_and_exclude_patterns(dense_shards, tmp_path, include, exclude, 
     chosen = expected if expected is not None else [n for n in every if ".layers." in n]
     ranked_names = set(table["parameter"].to_pylist())
     assert ranked_names <= set(chosen)
-    if mode == "per_layer":
+    if mode == "per_tensor":
         assert ranked_names == set(chosen)
     assert info["parameters"] == sorted(ranked_names)
     assert ranked_rows(tmp_path / "r") == brute_rank(sens, "grad_x_weight", mode, 9, include, exclude)

@@ -35,17 +35,26 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_the_csv_is_the_ranked_table_row_for_row(exported):
+def test_the_csv_is_the_ranked_table_best_first_with_both_ranks(exported):
     sens, ranked_dir, reports = exported
     text = (reports / "critical_weights.csv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
     ranked = rank_metric(sens, RankParams(k=10))
     assert text.splitlines()[0] == ",".join(export.CSV_COLUMNS)
+    assert len(text.splitlines()) == len(rows) + 1, "one row per line"
     n_tensors = sum(r["metric"] == "grad_x_weight" for r in shards.read_stats(sens).to_pylist())
-    assert len(rows) == ranked.num_rows == 10 * n_tensors  # per_layer: k per tensor
-    for row, want in zip(rows, ranked.to_pylist()):
+    assert len(rows) == ranked.num_rows == 10 * n_tensors  # per_tensor: k per tensor
+    # best first: score descending, then flat index, then parameter (model) order
+    order = {n: i for i, n in enumerate(dict.fromkeys(shards.read_stats(sens)["parameter"].to_pylist()))}
+    best_first = sorted(ranked.to_pylist(), key=lambda r: (-np.float64(r["score"]), r["flat_index"], order[r["parameter"]]))
+    assert [int(r["global_rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    group_rank = {(r["parameter"], r["flat_index"]): r["rank"] for r in ranked.to_pylist()}
+    for row, want in zip(rows, best_first):
         assert row["parameter"] == want["parameter"] and int(row["flat_index"]) == want["flat_index"]
-        assert int(row["rank"]) == want["rank"] and row["metric"] == "grad_x_weight"
+        assert int(row["group_rank"]) == group_rank[(want["parameter"], want["flat_index"])]
+        assert row["metric"] == "grad_x_weight"
+        is_token = want["parameter"] in ("model.embed_tokens.weight", "lm_head.weight")
+        assert row["token_id"] == (str(want["row"]) if is_token else "")
         for key in ("score", "weight", "gradient"):
             assert np.float32(row[key]) == np.float32(want[key]), key
         # the module path inside the block, below `model.` outside blocks; no expert in a dense model
@@ -72,11 +81,11 @@ def test_metrics_and_stats_agree_with_the_shards(exported):
     meta = shards.read_meta(sens)
     stats = [r for r in shards.read_stats(sens).to_pylist() if r["metric"] == "grad_x_weight"]
     scores = [float(r["score"]) for r in csv.DictReader(io.StringIO((reports / "critical_weights.csv").read_text()))]
-    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss", "perplexity", "n_critical", "max_score"}
+    assert set(metrics) == {"n_tensors", "n_weights", "n_texts", "n_tokens", "loss_prepared", "perplexity_prepared", "n_critical", "max_score"}
     assert metrics["n_critical"] == len(scores)
     assert metrics["n_tensors"] == len(stats) == meta["n_parameters"]
     assert metrics["max_score"] == max(r["max"] for r in stats)
-    assert (metrics["loss"], metrics["n_tokens"], metrics["n_weights"]) == (meta["avg_loss"], meta["n_tokens"], meta["n_weights"])
+    assert (metrics["loss_prepared"], metrics["n_tokens"], metrics["n_weights"]) == (meta["avg_loss"], meta["n_tokens"], meta["n_weights"])
     critical = read_json(reports / "sensitivity_stats.json")["critical_set"]
     assert critical["mean_score_all_weights"] == pytest.approx(sum(r["sum"] for r in stats) / sum(r["count"] for r in stats), rel=1e-12)
     assert critical["share_of_total_score"] == pytest.approx(sum(scores) / sum(r["sum"] for r in stats), rel=1e-6)
@@ -112,3 +121,9 @@ def test_a_second_export_writes_the_same_bytes(exported, tmp_path):
     export.run_export(sens, ranked_dir, sens.parent / "prepared", tmp_path)
     for path in reports.iterdir():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_tokens_are_escaped_onto_one_line():
+    assert export.escaped("a\nb\\c\td\r") == "a\\nb\\\\c\\td\\r"
+    assert export.escaped("x\u2028y\x00z") == "x\\u2028y\\u0000z"
+    assert export.escaped("café Ġthe") == "café Ġthe" and export.escaped(None) is None

@@ -86,7 +86,7 @@ def test_heatmap_cells_are_log10_scores_by_block_and_component():
 
 def test_overlap_matrix_holds_the_jaccard_of_each_pair():
     per = {"t0": {"jaccard": 0.0}, "t1": {"jaccard": 0.5}}
-    overlap = {"metrics": ["a", "b", "c"], "rank": {"mode": "per_layer", "k": 5},
+    overlap = {"metrics": ["a", "b", "c"], "rank": {"mode": "per_tensor", "k": 5},
                "pairs": {"a vs b": {"jaccard": 0.25, "spearman": 0.5, "per_tensor": per},
                          "a vs c": {"jaccard": 0.75, "spearman": None, "per_tensor": per}}}
     fig = plots.overlap_figure(overlap)
@@ -112,7 +112,7 @@ def plotted(dense_shards, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("plot")
     run_rank(sens, RankParams(k=10), folder / "ranked")
     overlap = folder / "overlap.json"
-    overlap.write_text(json.dumps({"metrics": ["grad_x_weight"], "rank": {"mode": "per_layer", "k": 10}, "pairs": {}}))
+    overlap.write_text(json.dumps({"metrics": ["grad_x_weight"], "rank": {"mode": "per_tensor", "k": 10}, "pairs": {}}))
     plots.run_plot(sens, folder / "ranked", overlap, folder / "plots", PlotParams(dpi=40))
     return sens, folder / "plots"
 
@@ -212,7 +212,7 @@ def test_distribution_is_the_exact_histogram_with_each_groups_cut_off(reported_r
     counts, zeros, negatives = plots.histogram(stats)
     edges = plots._edges(shards.read_meta(sens))
     cutoffs = ranked.group_by("group").aggregate([("score", "min")])["score_min"].to_numpy().astype(np.float64)
-    fig = plots.distribution_figure(edges, counts, zeros, negatives, cutoffs, "grad_x_weight", "per_layer", 3)
+    fig = plots.distribution_figure(edges, counts, zeros, negatives, cutoffs, "grad_x_weight", "per_tensor", 3)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "log10(grad_x_weight score)" and ax.get_yscale() == "log"
     assert ax.get_ylabel() == "number of weights (log scale)"
@@ -220,7 +220,7 @@ def test_distribution_is_the_exact_histogram_with_each_groups_cut_off(reported_r
     assert int(drawn.values.sum()) == int(counts.sum()) == stats["count"].to_numpy().sum() - zeros - negatives
     ticks = ax.lines[0].get_xdata()
     assert sorted(ticks) == pytest.approx(sorted(np.log10(cutoffs)))
-    assert len(ticks) == len(stats) == info["n_groups"], "one cut-off per tensor in per_layer mode"
+    assert len(ticks) == len(stats) == info["n_groups"], "one cut-off per tensor in per_tensor mode"
     assert "cut-off of each of" in ax.get_legend().get_texts()[1].get_text()
     rows = read_csv(reports / "plots" / "score_histogram.csv")
     centres = [float(r["log10_score"]) for r in rows]

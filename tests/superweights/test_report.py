@@ -70,4 +70,4 @@ def test_headline_names_the_candidate_that_hurts_most_and_a_non_finite_loss_coun
     report["candidates"].append(_candidate("c", math.nan, finite=False))
     assert headline(report)["strongest"] == "c (1, 2)"
     empty = headline({**report, "candidates": [], "massive_activations": []})
-    assert empty == {"n_candidates": 0, "search_exhausted": True, "baseline_loss": 2.0, "max_massive_activation": None}
+    assert empty == {"n_candidates": 0, "search_exhausted": True, "loss_in_sample": 2.0, "max_massive_activation": None}

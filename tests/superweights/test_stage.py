@@ -63,7 +63,7 @@ def test_stage_on_a_dense_model_with_a_planted_super_weight(tmp_path, vocab, det
     assert len(report["massive_activations"]) == 3 and report["massive_activations"][0]["top"][0]["token"]
     headline = json.loads((out / "headline.json").read_text())  # the DVC metrics: flat, from the report
     assert headline == {
-        "n_candidates": 1, "search_exhausted": True, "baseline_loss": base,
+        "n_candidates": 1, "search_exhausted": True, "loss_in_sample": base,
         "strongest": f"model.layers.0.mlp.down_proj.weight ({ROW}, {COL})",
         "strongest_zeroed_loss_increase": c["zeroed"]["loss_increase"],
         "strongest_restored_loss_increase": c["restored"]["loss_increase"],

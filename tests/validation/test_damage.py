@@ -42,19 +42,41 @@ def test_bottom_ratio_is_null_when_nothing_changed_or_within_noise():
 def ctx(tiny_ids) -> Context:
     model = build_tiny_model()
     sets = TextSets(in_sample=tiny_ids[:3], heldout=tiny_ids[3:], heldout_missing=None, micro_batch_size=2)
-    baseline = {"in_sample": sets.loss(model, "in_sample"), "heldout": sets.loss(model, "heldout")}
+    measured = {w: sets.measure(model, w) for w in ("in_sample", "heldout")}
     before = {n: digest(p) for n, p in model.named_parameters()}
-    return Context(model, before, sets, baseline, ValidateParams(), seed=0)
+    return Context(model, before, sets, {w: m[0] for w, m in measured.items()}, {w: m[1] for w, m in measured.items()},
+                   ValidateParams(), seed=0)
 
 
 def test_a_selection_that_changes_no_bit_is_not_measured_again(ctx):
     name = "model.layers.0.mlp.up_proj.weight"
     with torch.no_grad():
         dict(ctx.model.named_parameters())[name].view(-1)[[3, 4]] = 0.0
-    ctx = Context(ctx.model, {n: digest(p) for n, p in ctx.model.named_parameters()}, ctx.sets, ctx.baseline, ctx.vp, 0)
+    ctx = Context(ctx.model, {n: digest(p) for n, p in ctx.model.named_parameters()}, ctx.sets, ctx.baseline, ctx.top1,
+                  ctx.vp, 0)
     rec = perturb_and_measure(ctx, {name: np.array([3, 4])}, "zero", (0, 0, 0), ["heldout"])
     assert rec["n_changed"] == 0 and rec["measured"] is False
     assert rec["heldout"]["loss"] == ctx.baseline["heldout"] and rec["heldout"]["loss_increase"] == 0.0
+    assert rec["heldout"]["top1_agreement"] == 1.0
+
+
+def top1_by_hand(model: torch.nn.Module, seqs: list[list[int]]) -> list[int]:
+    """The argmax logit at each predicting position of plain unbatched forward passes."""
+    with torch.no_grad():
+        return [int(t) for s in seqs for t in model(input_ids=torch.tensor([s])).logits[0, :-1].argmax(-1)]
+
+
+def test_top1_agreement_is_the_share_of_positions_whose_prediction_stays(ctx):
+    name = "model.layers.1.mlp.down_proj.weight"
+    idx = np.arange(0, 512, 3, dtype=np.int64)  # a third of the tensor: some predictions move
+    rec = perturb_and_measure(ctx, {name: idx}, "zero", (0, 0, 0), ["heldout"])
+    one = TextSets(in_sample=[], heldout=ctx.sets.heldout, heldout_missing=None, micro_batch_size=1)
+    base, zeroed = top1_by_hand(build_tiny_model(), one.heldout), top1_by_hand(model_zeroed(name, idx), one.heldout)
+    # the same positions, in another order (one text per pass): compare as multisets of (position, token) pairs
+    _, top1 = one.measure(model_zeroed(name, idx), "heldout")
+    assert sorted(top1.tolist()) == sorted(zeroed)
+    want = np.mean([a == b for a, b in zip(base, zeroed)])
+    assert 0 < want < 1 and rec["heldout"]["top1_agreement"] == pytest.approx(want)
 
 
 def test_measure_group_losses_equal_an_independent_measurement(ctx):

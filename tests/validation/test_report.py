@@ -38,7 +38,7 @@ def test_curve_csv_is_long_format_and_equals_the_report(validate_run, tmp_path):
     assert report["predictiveness"]["single_weights"] is None
     metrics = json.loads(out.metrics.read_text(encoding="utf-8"))
     assert metrics == headline(report)
-    assert metrics["text_set_heldout"] is True and metrics["baseline_loss"] == base
+    assert metrics["text_set_heldout"] is True and metrics["loss_heldout"] == base
     for k in (1, 5):
         entry = report["damage"]["zero"][f"k{k}"]
         assert metrics[f"zero_top{k}_loss_increase"] == entry["critical"]["heldout"]["loss_increase"]

@@ -81,7 +81,7 @@ def test_plan_perturbs_the_global_top_k_and_controls_with_matching_counts(valida
         for name, idx in g.bottom_k.items():
             assert np.array_equal(np.sort(scores[name][idx]), np.sort(scores[name])[: len(idx)]), name
     g = the_plan.groups[EXPORTED]
-    assert g.n_weights == exported.num_rows == 3 * len(scores), "per_layer: rank.k weights in every tensor"
+    assert g.n_weights == exported.num_rows == 3 * len(scores), "per_tensor: rank.k weights in every tensor"
     assert all(len(i) == 3 for i in g.critical.values())
 
 
@@ -108,5 +108,5 @@ def test_an_exported_set_made_with_other_params_is_refused(validate_run):
     _, _, ranked, params = validate_run
     table, info = read_ranked(ranked)
     with pytest.raises(ShardError, match=r"the ranked critical set was made with rank .*not the params' metric "
-                                         r"'grad_x_weight', mode 'per_layer', k 7; rerun the rank stage \(dvc repro\)"):
+                                         r"'grad_x_weight', mode 'per_tensor', k 7; rerun the rank stage \(dvc repro\)"):
         exported_set(table, info, dataclasses.replace(params.rank, k=7))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -73,11 +74,17 @@ def test_run_validate_on_heldout_texts_with_draws_exported_set_and_predictivenes
     assert "predicted" in pred["top_k"]["metrics"]["grad_x_weight"]["k1"]
     assert "predicted" not in pred["top_k"]["metrics"]["magnitude"]["k1"]
     metrics = json.loads(a["validation.json"])
-    assert metrics["text_set_heldout"] is True and metrics["baseline_loss"] == t["heldout"]["loss"]
+    assert metrics["text_set_heldout"] is True and metrics["loss_heldout"] == t["heldout"]["loss"]
     assert metrics["zero_top5_loss_increase"] == report["damage"]["zero"]["k5"]["critical"]["heldout"]["loss_increase"]
     assert metrics["zero_exported_vs_random"] == report["damage"]["zero"]["exported"]["vs_random_k"]["ratio"]
     assert set(k for k in metrics if k.startswith("spearman_")) == {"spearman_grad_x_weight", "spearman_magnitude", "spearman_fisher"}
-    assert len(metrics) == 2 + 2 * 3 * 2 + 3, "baseline, 2 perturbations x (k1, k5, exported) x (increase, ratio), 3 metrics"
+    assert metrics["zero_exported_vs_random_z"] == report["damage"]["zero"]["exported"]["vs_random_k"]["z"]
+    assert metrics["loss_in_sample"] == t["in_sample"]["loss"] and metrics["ln_vocab"] == t["ln_vocab"]
+    assert metrics["zero_top5_top1_agreement"] == report["damage"]["zero"]["k5"]["critical"]["heldout"]["top1_agreement"]
+    assert len(metrics) == 4 + 2 * 3 * 4 + 3, \
+        "text set, 2 losses, ln V; 2 perturbations x (k1, k5, exported) x (increase, agreement, ratio, z); 3 metrics"
+    losses = [rec for g in report["damage"]["zero"].values() for rec in (g["critical"]["heldout"], g["critical"]["in_sample"])]
+    assert all(rec["saturated"] == (rec["loss"] is None or rec["loss"] > t["ln_vocab"]) for rec in losses)
 
 
 def test_non_finite_losses_are_null(validate_run, tmp_path):
@@ -190,3 +197,20 @@ def test_project_params_yaml_spells_every_validate_default():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     assert set(raw["validate"]) == {f.name for f in dataclasses.fields(ValidateParams)}
     assert load_params(ROOT / "params.yaml").validate == ValidateParams()
+
+
+def test_the_planned_evaluations_are_logged_and_each_one_is_counted(validate_run, tmp_path, caplog):
+    prepared, sens, ranked, params = validate_run
+    params = dataclasses.replace(params, validate=dataclasses.replace(
+        params.validate, k_values=(1, 5), single_weights=2, random_draws=2))
+    with caplog.at_level(logging.INFO, logger="critical_weights"):
+        report = run_validate(prepared, sens, ranked, Path(params.texts.source), params, outputs(tmp_path), Timings("validate"))
+    # 2 baselines; 2 sets (k1, k5, exported: 3) x (2 text sets + 2 draws + bottom_k); 2 single weights;
+    # 2 other metrics x 2 k (grad_x_weight's top-k is the zero set already measured)
+    planned = 2 + 3 * (2 + 2 + 1) + 2 + 2 * 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validate: loss evaluations: ")]
+    assert lines[0] == f"validate: loss evaluations: {planned} planned"
+    groups = report["damage"]["zero"].values()
+    assert all(e["measured"] for g in groups for e in [g["critical"], *g["random_k"]["draws"], g["bottom_k"]]), \
+        "the tiny model has no zero weight, so every perturbation changes bits and is measured"
+    assert lines[-1].startswith(f"validate: loss evaluations: {planned}/{planned} done in ")

@@ -19,7 +19,8 @@ from critical_weights.config.strict_yaml import read_yaml
 from critical_weights.core.errors import ParamsError
 from critical_weights.metrics import METRICS
 
-RANK_MODES = ("per_layer", "per_block", "per_component", "global")
+RANK_MODES = ("per_tensor", "per_block", "per_component", "global")
+RANK_MODE_ALIASES = (("per_layer", "per_tensor"),)  # the name before per_tensor, still accepted
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("none", "auto")
@@ -63,8 +64,8 @@ class SensitivityParams:
 @dataclass(frozen=True)
 class RankParams:
     metric: str = param("grad_x_weight", Choice(METRICS))  # which computed metric to rank by
-    mode: str = param("per_layer", Choice(RANK_MODES))  # per_layer | per_block | per_component | global
-    k: int = param(100, Integer(minimum=1))  # critical weights per group (per_layer: per tensor)
+    mode: str = param("per_tensor", Choice(RANK_MODES, RANK_MODE_ALIASES))  # per_tensor (alias per_layer) | per_block | per_component | global
+    k: int = param(100, Integer(minimum=1))  # critical weights per group (per_tensor: per tensor)
     include: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names; empty = all
     exclude: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names to leave out
 

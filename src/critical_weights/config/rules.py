@@ -29,6 +29,12 @@ def show(value: Any) -> str:
     return _REPR.repr(value)
 
 
+def did_you_mean(value: Any, allowed: tuple[str, ...]) -> str:
+    """" (did you mean X?)" when a string value is close to one allowed name, else ""."""
+    close = difflib.get_close_matches(value[:100], allowed, n=1) if isinstance(value, str) else []
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def name(key: Any) -> str:
     """A key as it appears in a message: itself when printable and short, else its repr."""
     return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60 else show(key)
@@ -98,10 +104,13 @@ class String:
 @dataclass(frozen=True)
 class Choice:
     allowed: tuple[str, ...]
+    aliases: tuple[tuple[str, str], ...] = ()  # (another accepted name, the allowed name it stands for)
 
     def check(self, value: Any) -> str:
+        if isinstance(value, str):
+            value = dict(self.aliases).get(value, value)
         if value not in self.allowed:
-            raise Refused(f"{show(value)} is not one of {', '.join(self.allowed)}")
+            raise Refused(f"{show(value)} is not one of {', '.join(self.allowed)}{did_you_mean(value, self.allowed)}")
         return value
 
 
@@ -118,7 +127,8 @@ class Choices:
             return tuple(value)
         bad = [v for v in value if v not in self.allowed]
         if bad:
-            raise Refused(f"{', '.join(map(show, bad))} not one of {', '.join(self.allowed)}")
+            hints = "".join(did_you_mean(v, self.allowed) for v in bad)
+            raise Refused(f"{', '.join(map(show, bad))} not one of {', '.join(self.allowed)}{hints}")
         if not value:
             raise Refused(f"[] must name at least one of {', '.join(self.allowed)}")
         if len(set(value)) != len(value):

@@ -15,7 +15,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,6 +58,20 @@ def progress(items: Iterable[T], label: str, length: int | None = None,
         finally:
             beat.stop()
     log.info("%s done in %.2f s", label, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def counted(label: str, total: int, every_s: float = HEARTBEAT_S) -> Iterator[Callable[[], None]]:
+    """Count `total` planned units of work (forward evaluations, say) as the caller calls the
+    yielded `step`: the plan is logged first, then `label: done/total, elapsed, ETA` at least
+    every `every_s` seconds, even in the middle of a long unit, then how many took how long."""
+    log.info("%s: %d planned", label, total)
+    beat = _Heartbeat(label, total, None, every_s)
+    try:
+        yield beat.step
+    finally:
+        beat.stop()
+        log.info("%s: %d/%d done in %s", label, beat.done, total, _duration(time.perf_counter() - beat.start))
 
 
 class _Heartbeat:

@@ -80,6 +80,26 @@ def check_vocabulary(name: str, model: torch.nn.Module, input_ids: Sequence[Sequ
         raise ModelError(f"model.name: the prepared token ids exceed {name}'s vocabulary of {vocab}; rerun prepare")
 
 
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def special_tokens_outside(name: str, model: torch.nn.Module) -> dict[str, int]:
+    """The config's special-token ids that no row of the input embedding holds, each warned
+    about: a text that ended in such a token could not be embedded (this tool adds none, so the
+    measurement stands; the manifest records them)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    outside = {}
+    for key in SPECIAL_TOKEN_IDS:
+        value = getattr(model.config, key, None)
+        for i, token in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(token, int) and not 0 <= token < vocab:
+                outside[key if not isinstance(value, (list, tuple)) else f"{key}[{i}]"] = token
+    for key, token in outside.items():
+        log.warning("model.name: %s: config %s = %d lies outside the vocabulary of %d; recorded in the manifest",
+                    name, key, token, vocab)
+    return outside
+
+
 def check_finite_weights(name: str, model: torch.nn.Module, chunk: int = 1 << 24) -> None:
     """Every weight is finite; otherwise fail naming the first parameter that is not.
 
@@ -115,6 +135,7 @@ def identity(source: ModelSource, model: torch.nn.Module, device: torch.device) 
         "n_blocks": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
+        "special_tokens_outside_vocabulary": special_tokens_outside(source.name, model),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "implementations": implementations(model),

@@ -11,6 +11,7 @@ run after the first) never imports torch; converting it the first time does.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,33 @@ def load_tokenizer(source: ModelSource, params: ModelParams) -> Any:
         return convert()
     cached = gguf_cache.cached_part(source.weight_files[0], "tokenizer", lambda tmp: convert().save_pretrained(tmp))
     return load_saved(cached) if cached is not None else convert()
+
+
+def check_against_file(source: ModelSource, tokenizer: Any, texts: Sequence[str]) -> None:
+    """A folder's tokenizer.json is what its tokenizer is: the class transformers picked for it
+    must split `texts` into the same tokens (special tokens aside), or one line names both."""
+    file = Path(source.location) / "tokenizer.json"
+    if source.kind != "directory" or not file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(file))
+    differ = sum(raw.encode(t, add_special_tokens=False).ids != list(tokenizer(t, add_special_tokens=False)["input_ids"])
+                 for t in texts)
+    if differ:
+        raise ModelError(f"model.name: {source.name}: transformers loads its tokenizer as {type(tokenizer).__name__}, "
+                         f"which splits {differ} of {len(texts)} texts differently from the folder's tokenizer.json; "
+                         f'set "tokenizer_class": "{PLAIN_CLASS}" in its tokenizer_config.json to use the file as it is')
+
+
+def check_reloads(folder: Path, texts: Sequence[str], input_ids: Sequence[Sequence[int]], max_length: int) -> None:
+    """The tokenizer saved in `folder`, loaded as later stages load it, gives `input_ids` again."""
+    again = load_saved(folder)
+    differ = sum(list(again(t)["input_ids"])[:max_length] != list(ids) for t, ids in zip(texts, input_ids))
+    if differ:
+        raise ModelError(f"prepare: the saved tokenizer reloads as {type(again).__name__} and tokenises {differ} of "
+                         f"{len(texts)} texts differently from the tokenizer that prepared them; this model's tokenizer "
+                         "does not survive save_pretrained")
 
 
 def load_saved(folder: Path) -> Any:

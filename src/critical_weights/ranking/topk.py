@@ -28,7 +28,7 @@ def group_of(mode: str, parameter: str, place: Place) -> str:
     block, component = place
     if mode == "global":
         return "all"
-    if mode == "per_layer":
+    if mode == "per_tensor":
         return parameter
     if mode == "per_component":
         return component

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import unicodedata
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,36 @@ from critical_weights.ranking.overlap import metric_overlap
 from critical_weights.ranking.topk import Place, rank_every_metric
 from critical_weights.reports.experts import expert_importance
 
-CSV_COLUMNS = ("rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
-               "score", "weight", "gradient", "metric", "token")
+CSV_COLUMNS = ("global_rank", "group_rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
+               "score", "weight", "gradient", "metric", "token_id", "token")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
 
 
+def escaped(token: str | None) -> str | None:
+    """A token on one line: backslash, newline, carriage return and tab as \\\\, \\n, \\r, \\t, any
+    other control or line-separator character as \\uXXXX; every other character as it is."""
+    if token is None:
+        return None
+    return "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c)
+                   for c in token)
+
+
 def critical_csv(ranked: pa.Table, places: dict[str, Place]) -> str:
-    """One row per critical weight, with exactly CSV_COLUMNS; `places` gives each parameter's
-    (block, component) as the sensitivity stage found them in the model."""
-    rows = []
-    for r in ranked.to_pylist():
+    """One row per critical weight, with exactly CSV_COLUMNS, best first over the whole set
+    (score descending, then flat index, then parameter order: the ranking's own order, so
+    `global_rank` 1 is the global top weight); `group_rank` is its rank within its rank.mode
+    group. `places` gives each parameter's (block, component), in model order. `token_id` is
+    the row of an embedding or output-head weight, the token it belongs to."""
+    order = {name: i for i, name in enumerate(places)}
+    rows = sorted(ranked.to_pylist(), key=lambda r: (-r["score"], r["flat_index"], order[r["parameter"]]))
+    out = []
+    for i, r in enumerate(rows, start=1):
         block, component = places[r["parameter"]]
-        row = {**r, "block": block, "component": component}
-        rows.append([row[c] for c in CSV_COLUMNS])
-    return csv_text(CSV_COLUMNS, rows)
+        row = {**r, "global_rank": i, "group_rank": r["rank"], "block": block, "component": component,
+               "token_id": r["row"] if r["token"] is not None else None, "token": escaped(r["token"])}
+        out.append([row[c] for c in CSV_COLUMNS])
+    return csv_text(CSV_COLUMNS, out)
 
 
 def parameter_stats(stats: pa.Table) -> dict[str, Any]:
@@ -111,7 +128,7 @@ def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Pat
     totals = {
         "n_tensors": meta["n_parameters"], "n_weights": meta["n_weights"],
         "n_texts": meta["n_sequences"], "n_tokens": meta["n_tokens"],
-        "loss": meta["avg_loss"], "perplexity": meta["perplexity"],
+        "loss_prepared": meta["avg_loss"], "perplexity_prepared": meta["perplexity"],
     }
     write_json(reports / "sensitivity_stats.json", {
         "totals": totals, "metrics": meta["metrics"], "ranked_metric": metric,

@@ -152,6 +152,21 @@ def head_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tenso
     return total
 
 
+def loss_sum_and_top1(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only: `token_loss_sum`'s value (the same chunks, summed in the same order, so the
+    same bits) and the model's top-1 next token at each real predicting position, (n,) int64 in
+    the order of `mask`'s real positions."""
+    h, y = _predicting(final_hidden(model, ids, mask), ids, mask)  # (n, C), (n,)
+    chunk = _chunk_rows(model)
+    total, top1 = None, []
+    for start in range(0, h.shape[0], chunk):
+        logits = output_logits(model, h[start : start + chunk]).float()  # (m, V) float32
+        part = F.cross_entropy(logits, y[start : start + chunk], reduction="sum")
+        total = part if total is None else total + part
+        top1.append(logits.argmax(dim=-1))
+    return total, torch.cat(top1)
+
+
 def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the real tokens of a padded batch (float32 scalar)."""
     return head_loss_sum(model, final_hidden(model, ids, mask), ids, mask)

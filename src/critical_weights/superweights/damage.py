@@ -49,8 +49,9 @@ class Meter:
     """Zero a selection, measure L, restore; checks every touched tensor against its digest."""
 
     def __init__(self, model: torch.nn.Module, ids: list[list[int]], batching: tuple[int, int], baseline: float,
-                 touched: list[str]):
+                 touched: list[str], step: Callable[[], None] = lambda: None):
         self.model, self.ids, self.batching, self.baseline = model, ids, batching, baseline  # batching: (micro_batch_size, batch_tokens)
+        self.step = step  # called after each measurement: progress
         self.weights = dict(model.named_parameters())
         self.before = {n: digest(self.weights[n]) for n in touched}
 
@@ -61,9 +62,16 @@ class Meter:
             else:
                 with watch(self.model, *hook):
                     loss = mean_loss(self.model, self.ids, 1)  # one sequence per pass
+        self.step()
         log.info("%s: loss %.4f (baseline %.4f)", label, loss, self.baseline)
         return {**loss_record(loss, self.baseline), "n_weights": int(sum(len(v) for v in selection.values())),
                 "n_changed": n_changed}
+
+
+def planned(n_candidates: int) -> int:
+    """The measurements `damage` makes for `n_candidates`: each alone and restored, then (with
+    any) all together, the top-1..N and the random control."""
+    return 2 * n_candidates + (n_candidates + 2 if n_candidates else 0)
 
 
 def damage(meter: Meter, candidates: list[Candidate], projections: list[Projection], top: list[tuple[str, int]],

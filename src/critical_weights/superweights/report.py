@@ -193,7 +193,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     as the most); the loss increases are over the unperturbed loss on the same texts."""
     found = report["candidates"]
     out: dict[str, Any] = {"n_candidates": len(found), "search_exhausted": report["search_exhausted"],
-                           "baseline_loss": report["baseline"]["loss"]}
+                           "loss_in_sample": report["baseline"]["loss"]}
     if found:
         metric = report["settings"]["rank_metric"]
         worst = max(found, key=lambda c: c["zeroed"]["loss_increase"] if c["zeroed"]["finite"] else float("inf"))

@@ -16,13 +16,13 @@ from critical_weights.artifacts import prepared_texts, shards
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError, ShardError
 from critical_weights.core.outputs import write_json, write_text
-from critical_weights.core.progress import Timings
+from critical_weights.core.progress import Timings, counted
 from critical_weights.model import loading, tokenization
 from critical_weights.model.projections import output_projections
 from critical_weights.ranking import weight_ranks
 from critical_weights.reports.figures import save_png
 from critical_weights.superweights import report as rep
-from critical_weights.superweights.damage import Meter, damage
+from critical_weights.superweights.damage import Meter, damage, planned
 from critical_weights.superweights.detect import massive_activations, prompt_ids, search
 from critical_weights.texts import sources
 from critical_weights.validation.checked import load_checked
@@ -70,14 +70,15 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         ranks = weight_ranks.ranks(sensitivity, params.rank, [c.key for c in candidates])
         top_pairs = list(zip(top["parameter"].to_pylist(), top["flat_index"].to_pylist()))
         check = rep.top_k_check(top.slice(0, sp.top_k), projections, records, sp.threshold, params.rank.metric)
-    with timings.phase("measure"):
+    with timings.phase("measure"), counted("superweights: loss evaluations", 1 + planned(len(candidates))) as step:
         batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
         baseline = mean_loss(model, measured, *batching)
+        step()
         if not math.isfinite(baseline):
             raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
         weights = dict(model.named_parameters())
         touched = list(dict.fromkeys([c.projection.parameter for c in candidates] + [n for n, _ in top_pairs[:len(candidates)]]))
-        meter = Meter(model, measured, batching, baseline, touched)
+        meter = Meter(model, measured, batching, baseline, touched, step)
         dmg = damage(meter, candidates, projections, top_pairs, {n: weights[n].numel() for n in touched}, params.seed)
     report = rep.build_report(params, model, device, detect, measured, candidates, ranks, records, massive, check,
                               baseline, dmg, decode)

@@ -1,4 +1,9 @@
-"""The `prepare` stage: choose and tokenise the texts with the model's own tokenizer."""
+"""The `prepare` stage: choose and tokenise the texts with the model's own tokenizer.
+
+Two checks keep the tokens honest: a folder's tokenizer.json must split the texts as the class
+transformers loads for it does (it may substitute a model-specific class), and the saved
+tokenizer, reloaded as later stages load it, must give the same token ids again.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,14 @@ def run_prepare(source: Path, params: Params, out: Path, timings: Timings) -> No
     with timings.phase("read texts"):
         raw = sources.read_texts(source)
     with timings.phase("load tokenizer"):
-        tokenizer = tokenization.load_tokenizer(resolve_source(params.model.name), params.model)
+        model_source = resolve_source(params.model.name)
+        tokenizer = tokenization.load_tokenizer(model_source, params.model)
     with timings.phase("tokenise"):
         prepared = sources.prepare_texts(
             raw, params.texts.n_texts, params.texts.max_length, params.seed,
             tokenize=lambda t: tokenizer(t)["input_ids"],
         )
+        tokenization.check_against_file(model_source, tokenizer, prepared.texts)
     meta = {
         "source": str(source),
         "n_available": str(prepared.n_available),
@@ -41,3 +48,5 @@ def run_prepare(source: Path, params: Params, out: Path, timings: Timings) -> No
     with timings.phase("write"), atomic_path(out) as tmp:
         prepared_texts.write_prepared(tmp, prepared, meta)
         tokenizer.save_pretrained(tmp / prepared_texts.TOKENIZER_DIR)
+        tokenization.check_reloads(tmp / prepared_texts.TOKENIZER_DIR, prepared.texts, prepared.input_ids,
+                                   params.texts.max_length)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 
 from critical_weights.config.params import ValidateParams
 from critical_weights.core.streams import STREAM_NOISE
-from critical_weights.validation.evaluation import loss_record, mean_loss
+from critical_weights.validation.evaluation import loss_and_top1, loss_record
 from critical_weights.validation.perturbation import perturbed
 from critical_weights.validation.selection import Selection, SetGroup
 
@@ -45,15 +45,19 @@ class TextSets:
     heldout_missing: str | None  # why there are no held-out texts, when there are none
     micro_batch_size: int
     batch_tokens: int = 0
+    step: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)  # called after each loss: progress
 
     @property
     def primary(self) -> str:
         """The set every loss is measured on: `heldout` when there is one."""
         return "heldout" if self.heldout else "in_sample"
 
-    def loss(self, model: torch.nn.Module, which: str) -> float:
+    def measure(self, model: torch.nn.Module, which: str) -> tuple[float, torch.Tensor]:
+        """The loss on text set `which` and the top-1 prediction at each of its positions."""
         ids = self.heldout if which == "heldout" else self.in_sample
-        return mean_loss(model, ids, self.micro_batch_size, self.batch_tokens)
+        loss, top1 = loss_and_top1(model, ids, self.micro_batch_size, self.batch_tokens)
+        self.step()
+        return loss, top1
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Context:
     before: dict[str, str]
     sets: TextSets
     baseline: dict[str, float]  # text set -> unperturbed loss
+    top1: dict[str, torch.Tensor]  # text set -> the unperturbed model's top-1 token per position (N,) int64
     vp: ValidateParams
     seed: int
 
@@ -79,8 +84,9 @@ def perturb_and_measure(ctx: Context, selection: Selection, kind: str, rng_key: 
     weights = dict(ctx.model.named_parameters())
     rng = np.random.default_rng([ctx.seed, STREAM_NOISE, *rng_key])
     with perturbed(weights, selection, kind, ctx.vp, rng, ctx.before) as n_changed:
-        losses = {w: ctx.sets.loss(ctx.model, w) if n_changed else ctx.baseline[w] for w in which}
-    out: dict[str, Any] = {w: loss_record(losses[w], ctx.baseline[w]) for w in which}
+        got = {w: ctx.sets.measure(ctx.model, w) if n_changed else (ctx.baseline[w], ctx.top1[w]) for w in which}
+    out: dict[str, Any] = {w: {**loss_record(got[w][0], ctx.baseline[w]),
+                               "top1_agreement": float((got[w][1] == ctx.top1[w]).double().mean())} for w in which}
     out["n_changed"] = n_changed
     out["measured"] = bool(n_changed)  # False: no bit changed, the loss is the baseline
     return out

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from critical_weights.sensitivity.batching import make_batches
-from critical_weights.sensitivity.loss import pad_batch, perplexity, predicted_tokens, token_loss_sum
+from critical_weights.sensitivity.loss import loss_sum_and_top1, pad_batch, perplexity, predicted_tokens
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,24 @@ def mean_loss(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], micro_
               batch_tokens: int = 0) -> float:
     """L over `input_ids`: the summed token cross-entropies (float64 on the host) over the
     number of predicted tokens."""
+    return loss_and_top1(model, input_ids, micro_batch_size, batch_tokens)[0]
+
+
+def loss_and_top1(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], micro_batch_size: int = 8,
+                  batch_tokens: int = 0) -> tuple[float, torch.Tensor]:
+    """L over `input_ids`, and the model's top-1 next token at every predicted position, (N,)
+    int64 on the CPU, in batch order (the same for the same texts and batching, so two models'
+    predictions compare position by position)."""
     device = model.get_input_embeddings().weight.device
-    total, n = 0.0, 0
+    total, n, top1 = 0.0, 0, []
     with torch.no_grad():
         for batch in make_batches([len(s) for s in input_ids], micro_batch_size, batch_tokens):
             ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)  # (B, T) int64
-            total += float(token_loss_sum(model, ids, mask).double())  # summed over real tokens
+            part, top = loss_sum_and_top1(model, ids, mask)  # summed over real tokens; (n,)
+            total += float(part.double())
             n += int(mask[:, 1:].sum())
-    return total / n
+            top1.append(top.cpu())
+    return total / n, torch.cat(top1)
 
 
 def evaluate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], micro_batch_size: int = 8,

@@ -64,6 +64,9 @@ def _panel(ax: Any, by_set: dict[str, Any], report: dict[str, Any]) -> None:
         ax.axhline(report["texts"]["in_sample"]["loss"], color="salmon", linewidth=0.8, linestyle=":",
                    label=f"unperturbed, in-sample: {report['texts']['in_sample']['loss']:.4f}")
     ax.axhline(base, color="black", linewidth=0.8, linestyle="-.", label=f"unperturbed, {primary}: {base:.4f}")
+    ln_v = report["texts"].get("ln_vocab")
+    if ln_v is not None:  # above it a loss is worse than a uniform guess: saturated, it no longer orders damage
+        ax.axhline(ln_v, color="tab:purple", linewidth=0.8, linestyle="--", label=f"ln V = {ln_v:.2f}: saturated above")
     for i, cond in enumerate(conds):
         ks, ys, err = _series(per_k, cond, primary, base)
         ax.errorbar(ks, ys, yerr=err if any(err) else None, capsize=3, **STYLES[cond])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from critical_weights.config.params import Params
@@ -26,6 +27,19 @@ def _text_summary(ids: list[list[int]], loss: float) -> dict[str, Any]:
             "perplexity": rec["perplexity"]}
 
 
+def mark_saturated(node: Any, ln_vocab: float) -> None:
+    """Beside every measured loss, `saturated`: above ln V (the loss of a uniform guess over the
+    vocabulary) the model is confidently wrong and a larger loss no longer means more damage."""
+    if isinstance(node, dict):
+        if "loss" in node and "loss_increase" in node:
+            node["saturated"] = node["loss"] is None or node["loss"] > ln_vocab
+        for value in node.values():
+            mark_saturated(value, ln_vocab)
+    elif isinstance(node, list):
+        for value in node:
+            mark_saturated(value, ln_vocab)
+
+
 def build_report(params: Params, model_info: dict[str, Any], sets: TextSets, baseline: dict[str, float],
                  sensitivity_loss: float | None, dmg: dict[str, Any], predict: dict[str, Any] | None,
                  bit: int | None) -> dict[str, Any]:
@@ -36,6 +50,8 @@ def build_report(params: Params, model_info: dict[str, Any], sets: TextSets, bas
                                            "sensitivity_loss_all_texts": sensitivity_loss}}
     texts["heldout"] = _text_summary(sets.heldout, baseline["heldout"]) if sets.heldout \
         else {"missing": sets.heldout_missing}
+    texts["ln_vocab"] = math.log(model_info["vocab_size"])
+    mark_saturated(dmg, texts["ln_vocab"])
     return {
         "model": model_info,
         "critical_set": {"metric": params.rank.metric, "include": list(params.rank.include),
@@ -55,14 +71,18 @@ def build_report(params: Params, model_info: dict[str, Any], sets: TextSets, bas
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The DVC metrics: a few flat, named numbers (null where not measured or within noise)."""
     primary = report["texts"]["primary"]
-    out: dict[str, Any] = {"text_set_heldout": primary == "heldout",
-                           "baseline_loss": report["texts"][primary]["loss"]}
+    out: dict[str, Any] = {"text_set_heldout": primary == "heldout", "ln_vocab": report["texts"]["ln_vocab"]}
+    for which in ("heldout", "in_sample"):  # each unperturbed loss named by the texts it is on
+        if "loss" in report["texts"].get(which, {}):
+            out[f"loss_{which}"] = report["texts"][which]["loss"]
     for kind, by_set in report["damage"].items():
         for name, entry in by_set.items():
             label = "exported" if name == EXPORTED else f"top{name[1:]}"
             out[f"{kind}_{label}_loss_increase"] = entry["critical"][primary]["loss_increase"]
-            if "vs_random_k" in entry:
+            out[f"{kind}_{label}_top1_agreement"] = entry["critical"][primary]["top1_agreement"]
+            if "vs_random_k" in entry:  # the ratio is null within noise; the z-score says how far apart
                 out[f"{kind}_{label}_vs_random"] = entry["vs_random_k"]["ratio"]
+                out[f"{kind}_{label}_vs_random_z"] = entry["vs_random_k"]["z"]
     single = (report["predictiveness"] or {}).get("single_weights")
     for metric, row in (single or {}).get("metrics", {}).items():
         out[f"spearman_{metric}"] = row["spearman"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from critical_weights.artifacts import prepared_texts, ranked_file, shards
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError
 from critical_weights.core.outputs import write_json, write_text
-from critical_weights.core.progress import Timings
+from critical_weights.core.progress import Timings, counted
 from critical_weights.core.streams import STREAM_HOLDOUT
 from critical_weights.model import loading
 from critical_weights.reports.figures import save_png
@@ -65,16 +65,17 @@ def text_sets(prepared: Path, source: Path, params: Params) -> TextSets:
                     params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
 
 
-def baselines(model: torch.nn.Module, sets: TextSets) -> dict[str, float]:
-    """The unperturbed loss on each text set; a non-finite one stops the stage."""
-    out = {"in_sample": sets.loss(model, "in_sample")}
+def baselines(model: torch.nn.Module, sets: TextSets) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The unperturbed loss on each text set, and its top-1 predictions; a non-finite loss stops the stage."""
+    measured = {"in_sample": sets.measure(model, "in_sample")}
     if sets.heldout:
-        out["heldout"] = sets.loss(model, "heldout")
+        measured["heldout"] = sets.measure(model, "heldout")
+    out = {key: loss for key, (loss, _) in measured.items()}
     for key, value in out.items():
         if not math.isfinite(value):
             raise NumericalError(f"the unperturbed {key.replace('_', '-')} loss is {value}; try model.dtype float32")
     log.info("baseline loss: %s", ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    return out
+    return out, {key: top1 for key, (_, top1) in measured.items()}
 
 
 def _predict(ctx: Context, sensitivity: Path, params: Params, order: list[str], dmg: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +93,17 @@ def _predict(ctx: Context, sensitivity: Path, params: Params, order: list[str], 
     return {"single_weights": single, "top_k": predictiveness.top_k(ctx, tables, order, known)}
 
 
+def planned_evaluations(params: Params, sets: TextSets, n_groups: int, n_metrics: int) -> int:
+    """How many forward loss evaluations the stage makes at most (a perturbation that changes no
+    bit is not measured): the baselines; per perturbation and critical set, the set on each text
+    set, each random draw and bottom_k; each single weight; each other metric's top-k per k."""
+    vp = params.validate
+    n_sets = 2 if sets.heldout else 1
+    per_group = n_sets + (vp.random_draws if "random_k" in vp.controls else 0) + ("bottom_k" in vp.controls)
+    reused = 1 if "zero" in vp.perturbations else 0  # the rank metric's top-k are the zero sets already measured
+    return n_sets + len(vp.perturbations) * n_groups * per_group + vp.single_weights + (n_metrics - reused) * len(vp.k_values)
+
+
 def run_validate(prepared: Path, sensitivity: Path, ranked: Path, source: Path, params: Params, out: Outputs,
                  timings: Timings) -> dict[str, Any]:
     """Measure the baselines, perturb every critical set and its controls, test the metrics'
@@ -107,14 +119,18 @@ def run_validate(prepared: Path, sensitivity: Path, ranked: Path, source: Path, 
                                      sets.in_sample + sets.heldout)
         weights = dict(model.named_parameters())
         before = {name: digest(weights[name]) for name in weights}
-    with timings.phase("baseline"):
-        ctx = Context(model, before, sets, baselines(model, sets), vp, params.seed)
-    with timings.phase("perturb and measure"):
-        dmg = damage(ctx, the_plan.groups)
-    with timings.phase("metric predictiveness"):
-        predict = _predict(ctx, sensitivity, params, list(the_plan.sizes), dmg)
+    n_metrics = len(shards.read_meta(sensitivity)["metrics"])
+    with counted("validate: loss evaluations", planned_evaluations(params, sets, len(the_plan.groups), n_metrics)) as step:
+        sets = replace(sets, step=step)
+        with timings.phase("baseline"):
+            ctx = Context(model, before, sets, *baselines(model, sets), vp, params.seed)
+        with timings.phase("perturb and measure"):
+            dmg = damage(ctx, the_plan.groups)
+        with timings.phase("metric predictiveness"):
+            predict = _predict(ctx, sensitivity, params, list(the_plan.sizes), dmg)
     dtype = next(model.parameters()).dtype
-    info = {"name": params.model.name, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
+    info = {"name": params.model.name, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+            "vocab_size": model.get_output_embeddings().weight.shape[0]}
     bit = bit_index(dtype, vp.bit) if "bit_flip" in vp.perturbations else None
     report = build_report(params, info, sets, ctx.baseline, shards.read_meta(sensitivity).get("avg_loss"), dmg, predict, bit)
     with timings.phase("write"):
