@@ -1,5 +1,5 @@
 """critical_weights.model.loading: the device and dtype, loading exactly the saved weights, and the
-identity recorded in the outputs. (What `model.name` refers to: test_model_source.py.)"""
+identity recorded in the outputs. (What `model.name` refers to: model/test_source.py.)"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """params.yaml, loaded into frozen dataclasses and validated before any work starts.
 
 Each field states its default and its rule once, as `param(default, rule)`; the rules and
-the one generic section reader live in `params_rules`, the strict YAML reader in
-`params_yaml`. Every problem is collected and reported at once, each naming the key, the bad
+the one generic section reader live in `critical_weights.config.rules`, the strict YAML reader
+in `critical_weights.config.strict_yaml`. Every problem is collected and reported at once, each naming the key, the bad
 value and what is allowed. Unknown keys (typos included) are problems too, with the likely key
 suggested. Rules that join two sections are the cross-checks at the end of this module.
 """

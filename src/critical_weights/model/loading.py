@@ -1,8 +1,9 @@
-"""Loading and identifying the causal language model that `model_source` found.
+"""Loading and identifying the causal language model that `critical_weights.model.source` found.
 
-`resolve_source` (from `critical_weights.model.source`) says what `model.name` refers to;
-this module loads the model on the asked device and dtype (`tokenization` its tokenizer), checks the weights
-are finite, and records the model's identity and implementations for the outputs.
+`resolve_source` (in `critical_weights.model.source`) says what `model.name` refers to; this
+module loads the model on the asked device and dtype (`critical_weights.model.tokenization`
+its tokenizer), checks the weights are finite and the special-token ids, and records the
+model's identity and implementations for the outputs.
 """
 
 from __future__ import annotations
