@@ -205,8 +205,11 @@ def test_patterns_that_leave_nothing_raise_params_error(dense_shards, tmp_path):
     rank = dataclasses.replace(params.rank, include=("model.layers.*",), exclude=("*weight",))
     with pytest.raises(ParamsError) as info:
         run_rank(sens, rank, tmp_path / "r")
+    names = list(dict.fromkeys(shards.read_stats(sens)["parameter"].to_pylist()))
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
     assert info.value.problems == [
-        "rank.include/rank.exclude: ['model.layers.*'] / ['*weight'] leave no parameter to rank"]
+        "rank.include/rank.exclude: ['model.layers.*'] / ['*weight'] leave no parameter to rank; the patterns match "
+        f"parameter names such as model.embed_tokens.weight, {names[len(names) // 2]}, lm_head.weight"]
     assert not (tmp_path / "r").exists()
 
 

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -292,3 +293,12 @@ def test_run_plot_with_an_unknown_heatmap_tensor_raises(reported_run, tmp_path):
     sens, ranked, reports = reported_run
     with pytest.raises(ParamsError, match="plot.heatmap_tensor: 'nope' is not a scored parameter"):
         plots.run_plot(sens, ranked, reports / "metric_overlap.json", tmp_path, dataclasses.replace(PlotParams(), heatmap_tensor="nope"))
+
+
+def test_every_plot_passes_the_layout_check(reported_run, tmp_path, caplog):
+    """No label cut at the edge, no legend or text over a point, no colliding tick labels: the
+    plot stage's figures on the tiny model (run_plot logs each problem it finds)."""
+    sens, ranked, reports = reported_run
+    with caplog.at_level(logging.WARNING, logger="critical_weights.reports.figures"):
+        plots.run_plot(sens, ranked, reports / "metric_overlap.json", tmp_path / "plots", PlotParams())
+    assert [r.getMessage() for r in caplog.records if r.name == "critical_weights.reports.figures"] == []

@@ -1,16 +1,18 @@
 """The validation figures show what the report holds: one series per set, the random draws'
 spread as error bars, NaN as a label on the k axis, and each metric's scatter equal to its
-sampled weights."""
+sampled weights; and both pass the layout check (nothing cut, covered or colliding)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from critical_weights.core.progress import Timings
+from critical_weights.reports.figures import layout_problems
 from critical_weights.validation.figures import damage_figure, predictiveness_figure
 from critical_weights.validation.stage import Outputs, run_validate
 
@@ -20,7 +22,7 @@ def report(validate_run, tmp_path_factory) -> dict:
     prepared, sens, ranked, params = validate_run
     params = dataclasses.replace(params, validate=dataclasses.replace(params.validate, k_values=(1, 5), n_texts=4, single_weights=6))
     out = tmp_path_factory.mktemp("validation")
-    return run_validate(prepared, sens, ranked, __import__("pathlib").Path(params.texts.source), params,
+    return run_validate(prepared, sens, ranked, Path(params.texts.source), params,
                         Outputs(out / "v.json", out / "r.json", out / "d.png", out / "d.csv", out / "p.png"), Timings("validate"))
 
 
@@ -48,7 +50,7 @@ def test_damage_figure_draws_each_set_with_the_reports_numbers(report):
     half = [np.ptp(seg[:, 1]) / 2 for seg in bars.get_segments()]
     assert half == pytest.approx([dmg[f"k{k}"]["random_k"]["std_increase"] for k in (1, 5)])
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "k, weights perturbed (log scale)"
-    assert ax.get_ylabel() == "mean token loss on heldout texts (nats)"
+    assert ax.get_ylabel() == "mean token loss (nats)"  # held-out and in-sample curves share the axis
     assert any(t.get_text().startswith("exported set (") for t in ax.texts)
     assert not any(t.get_text() == "NaN" for t in ax.texts)
 
@@ -78,3 +80,8 @@ def test_predictiveness_figure_scatters_each_metrics_scores_against_the_measured
     top = fig.axes[0]
     assert [line.get_label() for line in top.lines] == list(report["predictiveness"]["top_k"]["metrics"])
     assert top.get_xlabel().startswith("k, the metric's own global top-k")
+
+
+def test_both_figures_pass_the_layout_check(report):
+    for figure in (damage_figure, predictiveness_figure):
+        assert layout_problems(figure(report)) == [], figure.__name__

@@ -40,7 +40,9 @@ def select_parameters(names: list[str], include: tuple[str, ...], exclude: tuple
     chosen = [n for n in names if (not include or any(fnmatch.fnmatchcase(n, p) for p in include))
               and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not chosen:
-        raise ParamsError([f"rank.include/rank.exclude: {list(include)} / {list(exclude)} leave no parameter to rank"])
+        examples = ", ".join(dict.fromkeys([names[0], names[len(names) // 2], names[-1]])) if names else "(none)"
+        raise ParamsError([f"rank.include/rank.exclude: {list(include)} / {list(exclude)} leave no parameter to rank; "
+                           f"the patterns match parameter names such as {examples}"])
     return chosen
 
 

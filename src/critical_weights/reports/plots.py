@@ -63,7 +63,7 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, zeros: int, negat
                 transform=ax.get_xaxis_transform(), label=f"cut-off of each of {positive.size} groups ({mode} top-{k})")
     notes = [f"zero scores: {zeros:,}"] + ([f"negative scores: {negatives:,}"] if negatives else [])
     ax.text(0.01, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=9)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # below: covers no bar
     fig.tight_layout()
     return fig
 
@@ -130,7 +130,7 @@ def heatmap_figure(rows: list[dict], stat: str, metric: str, tensor: dict) -> Fi
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, max(5, 0.22 * len(blocks) + 2)),
                                   gridspec_kw={"width_ratios": [1, 1.2]})
     im = ax.imshow(cell, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(comps)), comps, rotation=45, ha="right")
+    ax.set_xticks(range(len(comps)), comps, rotation=90, fontsize=8)  # upright names would collide
     step = max(1, len(blocks) // 16)
     ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
     ax.set_xlabel("component")
@@ -215,7 +215,7 @@ def overlap_figure(overlap: dict) -> Figure:
     metrics, pairs, rank = overlap["metrics"], overlap["pairs"], overlap["rank"]
     names = list(pairs)
     matrix = len(metrics) >= 3
-    fig, axes = plt.subplots(1, 2 if matrix else 1, figsize=(12 if matrix else 8, max(3.5, 0.45 * len(names) + 2)),
+    fig, axes = plt.subplots(1, 2 if matrix else 1, figsize=(12 if matrix else 8, max(4.0, 0.45 * len(names) + 2)),
                              squeeze=False, gridspec_kw={"width_ratios": [1, 1.4]} if matrix else None)
     if matrix:
         ax = axes[0][0]
@@ -242,7 +242,7 @@ def overlap_figure(overlap: dict) -> Figure:
     ax.set_yticks(range(len(names)), [f"{n}\n(ρ {'n/a' if r is None else f'{r:.2f}'})" for n, r in zip(names, rho)], fontsize=8)
     ax.set_xlim(-0.03, 1.03)
     ax.set_xlabel("Jaccard index of the critical sets (1 = the same weights)")
-    ax.set_ylabel("pair of metrics (ρ = Spearman of shared ranks)")
+    ax.set_ylabel("metric pair (ρ: Spearman of shared ranks)", fontsize=9)
     ax.set_title(f"Agreement per tensor ({rank['mode']}, k={rank['k']})", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     if names:

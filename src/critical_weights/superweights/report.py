@@ -7,17 +7,22 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+import matplotlib
 
-from critical_weights.config.params import Params
-from critical_weights.core.outputs import csv_text
-from critical_weights.model.projections import Projection
-from critical_weights.superweights.detect import Candidate, ProjectionRecord, Spike
-from critical_weights.validation.evaluation import loss_record
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from critical_weights.config.params import Params  # noqa: E402
+from critical_weights.core.outputs import csv_text  # noqa: E402
+from critical_weights.model.projections import Projection  # noqa: E402
+from critical_weights.superweights.detect import Candidate, ProjectionRecord, Spike  # noqa: E402
+from critical_weights.validation.evaluation import loss_record  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
-    from matplotlib.figure import Figure
 
 Decode = Callable[[int | None, int | None], str | None]  # (text, position) -> the token there
 
@@ -102,15 +107,10 @@ def blocks_csv(rows: list[dict[str, Any]], threshold: float) -> str:
 
 def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     """Left: max |input| and |output| of each block's MLP output projection, the threshold and
-    the candidates. Right: the largest |hidden state| and the median per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    the candidates. Right: the largest |hidden state| and the median per layer. Legends sit
+    below the panels, where they cover no point."""
     threshold = report["settings"]["threshold"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4))
     blocks = [r["block"] for r in rows]
     left.plot(blocks, [max(r["mlp_input_max_abs"], 1e-30) for r in rows], "o-", color="tab:blue", label="max |input|")
     left.plot(blocks, [max(r["mlp_output_max_abs"], 1e-30) for r in rows], "s-", color="tab:red", label="max |output|")
@@ -129,7 +129,7 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     left.set_xlabel("block")
     left.set_ylabel("|activation| (log scale)")
     left.set_title("MLP output projection: largest input and output (unmodified model)", fontsize=10)
-    left.legend(fontsize=7, loc="best")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     layers = report["massive_activations"]
     xs = [m["layer"] for m in layers]
     right.plot(xs, [max(m["top"][0]["abs"], 1e-30) for m in layers], "o-", color="tab:purple", label="largest |h|")
@@ -141,7 +141,7 @@ def figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> Figure:
     right.set_xlabel("layer (0 = embeddings; labels: channel of the largest)")
     right.set_ylabel("|hidden state| (log scale)")
     right.set_title("Massive activations: hidden states by layer", fontsize=10)
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     n = len(report["candidates"])
