@@ -52,20 +52,25 @@ def test_distribution_shows_the_used_bins_the_threshold_and_every_count():
     assert ax.texts[0].get_text() == "zero scores: 7\nnegative scores: 1"
 
 
-def test_layer_comparison_has_a_line_per_component_and_the_head_dashed():
+def test_layer_comparison_has_a_panel_per_component_with_its_max_and_mean_and_the_head_in_each():
     fig = plots.layer_comparison_figure(ROWS, "grad_x_weight")
-    top, bottom = fig.axes
-    for ax, stat in ((top, "max"), (bottom, "mean")):
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    # the model's own components, in the order its parameters come
+    assert [ax.get_title() for ax in panels] == ["mlp.down_proj", "self_attn.q_proj"]
+    for ax, comp, (first, second) in zip(panels, ("mlp.down_proj", "self_attn.q_proj"), ((0, 1), (3, 2))):
         lines = {line.get_label(): line for line in ax.get_lines()}
-        # the model's own components, in the order its parameters come, then the rest
-        assert list(lines) == ["mlp.down_proj", "self_attn.q_proj", "lm_head (not in a block)"]
-        assert lines["mlp.down_proj"].get_xdata().tolist() == [0, 1]
-        assert lines["mlp.down_proj"].get_ydata().tolist() == [ROWS[0][stat], ROWS[1][stat]]
-        assert lines["self_attn.q_proj"].get_ydata().tolist() == [ROWS[3][stat], ROWS[2][stat]]  # sorted by block
-        assert np.asarray(lines["lm_head (not in a block)"].get_ydata()).tolist() == [ROWS[4][stat]] * 2
-        assert lines["lm_head (not in a block)"].get_linestyle() == "--"
-        assert ax.get_ylabel() == f"{stat} grad_x_weight score"
-    assert bottom.get_xlabel() == "transformer block"
+        assert list(lines) == ["max", "mean", "lm_head max (not in a block)", "lm_head mean (not in a block)"]
+        for stat in ("max", "mean"):
+            assert lines[stat].get_xdata().tolist() == [0, 1]  # sorted by block
+            assert lines[stat].get_ydata().tolist() == [ROWS[first][stat], ROWS[second][stat]]
+            assert np.asarray(lines[f"lm_head {stat} (not in a block)"].get_ydata()).tolist() == [ROWS[4][stat]] * 2
+        assert lines["lm_head max (not in a block)"].get_linestyle() == "--"
+        peak = max((ROWS[first], ROWS[second]), key=lambda r: r["max"])
+        assert [t.get_text() for t in ax.texts] == [f"block {peak['block']}"]
+        assert ax.get_yscale() == "log" and ax.get_xlabel() == "transformer block"
+    assert panels[0].get_ylabel() == "grad_x_weight score"
+    assert panels[0].get_shared_y_axes().joined(panels[0], panels[1]), "one y axis, so panels compare"
+    assert plots.layer_comparison_size(7) == (13.4, 6.2) and plots.layer_comparison_size(2) == (7.0, 3.6)
 
 
 def test_heatmap_cells_are_log10_scores_by_block_and_component():
@@ -121,7 +126,8 @@ def plotted(dense_shards, tmp_path_factory) -> tuple[Path, Path]:
 def test_run_plot_writes_every_png_at_the_asked_resolution(plotted):
     _, out = plotted
     assert png_size(out / "sensitivity_distribution.png") == (9 * 40, int(4.8 * 40))
-    assert png_size(out / "layer_comparison.png") == (11 * 40, 8 * 40)
+    width, height = plots.layer_comparison_size(7)  # the tiny Llama's seven components
+    assert png_size(out / "layer_comparison.png") == (round(width * 40), round(height * 40))
     for name in ("sensitivity_heatmap.png", "metric_overlap.png"):
         png_size(out / name)
 
@@ -194,7 +200,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_every_png_decodes_to_its_figure_size(reported_run):
     _, _, reports = reported_run
     for name, size in [("sensitivity_distribution.png", (9, 4.8)), ("metric_overlap.png", None),
-                       ("layer_comparison.png", (11, 8)), ("sensitivity_heatmap.png", None)]:
+                       ("layer_comparison.png", plots.layer_comparison_size(7)), ("sensitivity_heatmap.png", None)]:
         image = matplotlib.image.imread(reports / "plots" / name)
         assert image.ndim == 3 and image.shape[2] in (3, 4), name
         if size is not None:
@@ -235,16 +241,17 @@ def test_layer_comparison_lines_equal_the_csv(reported_run):
     sens, _, reports = reported_run
     rows = plots.layer_table(stats_of(sens, "grad_x_weight"))
     fig = plots.layer_comparison_figure(rows, "grad_x_weight")
-    top = fig.axes[0]
     comps = plots._components(rows)
-    lines = [line for line in top.lines if line.get_label() in comps]
-    assert [line.get_label() for line in lines] == comps
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(panels) == comps
     table = read_csv(reports / "plots" / "layer_comparison.csv")  # long format
-    for line in lines:
-        want = sorted((int(r["block"]), float(r["max"])) for r in table if r["component"] == line.get_label())
+    for comp, ax in panels.items():
+        (line,) = [line for line in ax.lines if line.get_label() == "max"]
+        want = sorted((int(r["block"]), float(r["max"])) for r in table if r["component"] == comp)
         assert list(line.get_xdata()) == [b for b, _ in want]
         assert list(line.get_ydata()) == pytest.approx([v for _, v in want], rel=1e-6)
-    assert top.get_yscale() == "log" and fig.axes[1].get_xlabel() == "transformer block"
+        assert ax.get_yscale() == "log"
+    assert panels[comps[-1]].get_xlabel() == "transformer block"
 
 
 def test_heatmap_grid_is_in_real_rows_and_columns_and_the_tensor_is_a_param(reported_run):

@@ -42,7 +42,7 @@ def test_bottom_ratio_is_null_when_nothing_changed_or_within_noise():
 def ctx(tiny_ids) -> Context:
     model = build_tiny_model()
     sets = TextSets(in_sample=tiny_ids[:3], heldout=tiny_ids[3:], heldout_missing=None, micro_batch_size=2)
-    measured = {w: sets.measure(model, w) for w in ("in_sample", "heldout")}
+    measured = {w: sets.baseline(model, w) for w in ("in_sample", "heldout")}
     before = {n: digest(p) for n, p in model.named_parameters()}
     return Context(model, before, sets, {w: m[0] for w, m in measured.items()}, {w: m[1] for w, m in measured.items()},
                    ValidateParams(), seed=0)

@@ -90,26 +90,64 @@ def layer_comparison_csv(rows: list[dict], metric: str) -> str:
                     [[r["block"], r["component"], r["parameter"], metric, r["max"], r["mean"]] for r in inside])
 
 
+LAYER_PANEL_COLS = 4  # small multiples per row in layer_comparison.png
+
+
+def layer_comparison_size(n_components: int) -> tuple[float, float]:
+    """Figure size (inches) of layer_comparison.png: 3.2 x 2.6 per panel, room for the legend."""
+    cols = min(LAYER_PANEL_COLS, max(1, n_components))
+    rows = -(-max(1, n_components) // cols)
+    return 3.2 * cols + 0.6, 2.6 * rows + 1.0
+
+
 def layer_comparison_figure(rows: list[dict], metric: str) -> Figure:
-    """Max and mean score per block, one line per component; tensors outside blocks dashed."""
-    fig, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    """Small multiples: one panel per component, its max and mean score per block, on one shared
+    log axis so panels compare; the block of each panel's largest score is marked, and the
+    tensors outside blocks (embedding, head) are dashed lines in every panel."""
     comps = _components(rows)
+    outside = [r for r in rows if r["block"] is None]
+    cols = min(LAYER_PANEL_COLS, max(1, len(comps)))
+    n_rows = -(-max(1, len(comps)) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=layer_comparison_size(len(comps)), sharex=True, sharey=True,
+                             squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, stat in zip(axes, ("max", "mean")):
-        for i, comp in enumerate(comps):
-            pts = sorted((r["block"], r[stat]) for r in rows if r["component"] == comp and r["block"] is not None)
-            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", ms=3, color=cmap(i % 10), label=comp)
-        for j, r in enumerate(r for r in rows if r["block"] is None):
-            ax.axhline(r[stat], color=cmap((len(comps) + j) % 10), linestyle="--", linewidth=1.2,
-                       label=f"{r['component']} (not in a block)")
+    for ax, comp in zip(axes.flat, comps):
+        pts = sorted((r["block"], r["max"], r["mean"]) for r in rows if r["component"] == comp and r["block"] is not None)
+        blocks = [b for b, _, _ in pts]
+        ax.plot(blocks, [m for _, m, _ in pts], marker="o", ms=2.5, lw=1.2, color="tab:blue", label="max")
+        ax.plot(blocks, [m for _, _, m in pts], marker="o", ms=2.5, lw=1.2, color="tab:orange", label="mean")
+        for j, r in enumerate(outside):
+            for stat, style in (("max", "--"), ("mean", ":")):
+                ax.axhline(r[stat], color=cmap((2 + j) % 10), linestyle=style, linewidth=1.0,
+                           label=f"{r['component']} {stat} (not in a block)")
+        peak = max(pts, key=lambda p: p[1])
+        ax.annotate(f"block {peak[0]}", (peak[0], peak[1]), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="tab:blue")
+        ax.set_title(comp, fontsize=9)
         ax.set_yscale("log")
-        ax.set_ylabel(f"{stat} {metric} score")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_title(f"{metric} per transformer block and component")
-    axes[1].set_xlabel("transformer block")
-    axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.0), fontsize=9)
-    fig.tight_layout()
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(comps):]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes.flat[: len(comps)]):
+        if i + cols >= len(comps):  # nothing below it: the panel carries the block axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("transformer block", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{metric} score", fontsize=8)
+    _raise_top(axes.flat[: len(comps)])
+    fig.suptitle(f"{metric} per transformer block, one panel per component (max and mean of each tensor)", fontsize=10)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     return fig
+
+
+def _raise_top(axes) -> None:
+    """Headroom above the largest point on the shared log axis, for the peak labels."""
+    axes = list(axes)
+    lo, hi = axes[0].get_ylim()
+    axes[0].set_ylim(lo, hi * (hi / lo) ** 0.12)
 
 
 def grid_edges(n: int, cells: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Is a super-weight candidate critical? Zero it and measure the loss, as `validate` does.
 
-Every loss is evaluation.mean_loss (L, the mean next-token cross-entropy over every predicted
-token) on the same prepared texts, and every weight is restored bit-exactly after each
-measurement (perturbation.perturbed). Conditions:
+Every loss is L, the mean next-token cross-entropy over every predicted token, measured as
+`validate` measures it (validation.resume.Resumable: the same loss code as
+evaluation.mean_loss, skipping the blocks before the first one a candidate sits in) on the same
+prepared texts, and every weight is restored bit-exactly after each measurement
+(perturbation.zeroed). Conditions:
 - `alone`: each candidate zeroed on its own;
 - `restored`: each candidate zeroed, but its massive activation put back (the paper's control):
   in every sequence, at the token where the original output channel `row` of the projection
@@ -24,8 +26,9 @@ import torch
 
 from critical_weights.model.projections import Projection, watch
 from critical_weights.superweights.detect import Candidate
-from critical_weights.validation.evaluation import loss_record, mean_loss
+from critical_weights.validation.evaluation import loss_record
 from critical_weights.validation.perturbation import digest, zeroed
+from critical_weights.validation.resume import Resumable, first_block
 from critical_weights.validation.selection import Selection, from_pairs, random_selection
 
 log = logging.getLogger(__name__)
@@ -46,22 +49,39 @@ def _restore_hook(c: Candidate) -> Callable:
 
 
 class Meter:
-    """Zero a selection, measure L, restore; checks every touched tensor against its digest."""
+    """Zero a selection, measure L, restore; checks every touched tensor against its digest.
 
-    def __init__(self, model: torch.nn.Module, ids: list[list[int]], batching: tuple[int, int], baseline: float,
-                 touched: list[str], step: Callable[[], None] = lambda: None):
-        self.model, self.ids, self.batching, self.baseline = model, ids, batching, baseline  # batching: (micro_batch_size, batch_tokens)
+    Built with the unperturbed measurement (`baseline`); the hooked condition (`restored`), one
+    sequence per pass, gets its own unperturbed pass the first time it is asked for."""
+
+    def __init__(self, model: torch.nn.Module, ids: list[list[int]], batching: tuple[int, int], touched: list[str],
+                 step: Callable[[], None] = lambda: None):
+        self.model, self.ids, self.batching = model, ids, batching  # batching: (micro_batch_size, batch_tokens)
         self.step = step  # called after each measurement: progress
         self.weights = dict(model.named_parameters())
         self.before = {n: digest(self.weights[n]) for n in touched}
+        self.batched = Resumable(model, ids, *batching)
+        self.baseline = self.batched.baseline()[0]
+        self.one_by_one: Resumable | None = None
+        step()
+
+    def _single(self) -> Resumable:
+        if self.one_by_one is None:
+            self.one_by_one = Resumable(self.model, self.ids, 1)
+            loss = self.one_by_one.baseline()[0]
+            self.step()
+            log.info("baseline, one sequence per pass: loss %.4f", loss)
+        return self.one_by_one
 
     def zero(self, selection: Selection, label: str, hook: tuple[list[Projection], Callable] | None = None) -> dict[str, Any]:
+        start = first_block(self.model, selection)  # the hook acts in the candidate's own block
+        texts = self.batched if hook is None else self._single()
         with zeroed(self.weights, selection, self.before) as n_changed:
             if hook is None:
-                loss = mean_loss(self.model, self.ids, *self.batching)
+                loss = texts.measure(start)[0]
             else:
                 with watch(self.model, *hook):
-                    loss = mean_loss(self.model, self.ids, 1)  # one sequence per pass
+                    loss = texts.measure(start)[0]
         self.step()
         log.info("%s: loss %.4f (baseline %.4f)", label, loss, self.baseline)
         return {**loss_record(loss, self.baseline), "n_weights": int(sum(len(v) for v in selection.values())),
@@ -69,9 +89,10 @@ class Meter:
 
 
 def planned(n_candidates: int) -> int:
-    """The measurements `damage` makes for `n_candidates`: each alone and restored, then (with
-    any) all together, the top-1..N and the random control."""
-    return 2 * n_candidates + (n_candidates + 2 if n_candidates else 0)
+    """The measurements a Meter and `damage` make for `n_candidates`: the baseline; each
+    candidate alone and restored, with one more baseline one sequence per pass for the
+    restored; then (with any) all together, the top-1..N and the random control."""
+    return 1 + 2 * n_candidates + (n_candidates + 3 if n_candidates else 0)
 
 
 def damage(meter: Meter, candidates: list[Candidate], projections: list[Projection], top: list[tuple[str, int]],

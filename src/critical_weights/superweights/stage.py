@@ -26,7 +26,6 @@ from critical_weights.superweights.damage import Meter, damage, planned
 from critical_weights.superweights.detect import massive_activations, prompt_ids, search
 from critical_weights.texts import sources
 from critical_weights.validation.checked import load_checked
-from critical_weights.validation.evaluation import mean_loss
 
 
 def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_path: Path, plot_path: Path,
@@ -70,15 +69,14 @@ def run_superweights(prepared: Path, sensitivity: Path, params: Params, report_p
         ranks = weight_ranks.ranks(sensitivity, params.rank, [c.key for c in candidates])
         top_pairs = list(zip(top["parameter"].to_pylist(), top["flat_index"].to_pylist()))
         check = rep.top_k_check(top.slice(0, sp.top_k), projections, records, sp.threshold, params.rank.metric)
-    with timings.phase("measure"), counted("superweights: loss evaluations", 1 + planned(len(candidates))) as step:
+    with timings.phase("measure"), counted("superweights: loss evaluations", planned(len(candidates))) as step:
         batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
-        baseline = mean_loss(model, measured, *batching)
-        step()
-        if not math.isfinite(baseline):
-            raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
         weights = dict(model.named_parameters())
         touched = list(dict.fromkeys([c.projection.parameter for c in candidates] + [n for n, _ in top_pairs[:len(candidates)]]))
-        meter = Meter(model, measured, batching, baseline, touched, step)
+        meter = Meter(model, measured, batching, touched, step)
+        baseline = meter.baseline
+        if not math.isfinite(baseline):
+            raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
         dmg = damage(meter, candidates, projections, top_pairs, {n: weights[n].numel() for n in touched}, params.seed)
     report = rep.build_report(params, model, device, detect, measured, candidates, ranks, records, massive, check,
                               baseline, dmg, decode)

@@ -28,6 +28,7 @@ from critical_weights.config.params import ValidateParams
 from critical_weights.core.streams import STREAM_NOISE
 from critical_weights.validation.evaluation import loss_and_top1, loss_record
 from critical_weights.validation.perturbation import perturbed
+from critical_weights.validation.resume import Resumable, first_block
 from critical_weights.validation.selection import Selection, SetGroup
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,33 @@ class TextSets:
     micro_batch_size: int
     batch_tokens: int = 0
     step: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)  # called after each loss: progress
+    resumable: dict[str, Resumable] = field(default_factory=dict, compare=False, repr=False)  # text set -> its baseline's block inputs
 
     @property
     def primary(self) -> str:
         """The set every loss is measured on: `heldout` when there is one."""
         return "heldout" if self.heldout else "in_sample"
 
-    def measure(self, model: torch.nn.Module, which: str) -> tuple[float, torch.Tensor]:
-        """The loss on text set `which` and the top-1 prediction at each of its positions."""
+    def baseline(self, model: torch.nn.Module, which: str) -> tuple[float, torch.Tensor]:
+        """The unperturbed loss on text set `which` and its top-1 predictions; the hidden states
+        entering each block are kept, so a later `measure` can skip the blocks its perturbation
+        cannot change (critical_weights.validation.resume)."""
         ids = self.heldout if which == "heldout" else self.in_sample
-        loss, top1 = loss_and_top1(model, ids, self.micro_batch_size, self.batch_tokens)
+        self.resumable[which] = Resumable(model, ids, self.micro_batch_size, self.batch_tokens)
+        got = self.resumable[which].baseline()
         self.step()
-        return loss, top1
+        return got
+
+    def measure(self, model: torch.nn.Module, which: str, start: int = 0) -> tuple[float, torch.Tensor]:
+        """The loss on text set `which` and the top-1 prediction at each of its positions, for a
+        model that differs from the baseline's only in blocks `start` and later."""
+        if which in self.resumable:
+            got = self.resumable[which].measure(start)
+        else:
+            ids = self.heldout if which == "heldout" else self.in_sample
+            got = loss_and_top1(model, ids, self.micro_batch_size, self.batch_tokens)
+        self.step()
+        return got
 
 
 @dataclass(frozen=True)
@@ -83,8 +99,9 @@ def perturb_and_measure(ctx: Context, selection: Selection, kind: str, rng_key: 
     """Perturb `selection`, measure the loss on each text set in `which`, restore."""
     weights = dict(ctx.model.named_parameters())
     rng = np.random.default_rng([ctx.seed, STREAM_NOISE, *rng_key])
+    start = first_block(ctx.model, selection)  # the blocks before it compute what the baseline computed
     with perturbed(weights, selection, kind, ctx.vp, rng, ctx.before) as n_changed:
-        got = {w: ctx.sets.measure(ctx.model, w) if n_changed else (ctx.baseline[w], ctx.top1[w]) for w in which}
+        got = {w: ctx.sets.measure(ctx.model, w, start) if n_changed else (ctx.baseline[w], ctx.top1[w]) for w in which}
     out: dict[str, Any] = {w: {**loss_record(got[w][0], ctx.baseline[w]),
                                "top1_agreement": float((got[w][1] == ctx.top1[w]).double().mean())} for w in which}
     out["n_changed"] = n_changed

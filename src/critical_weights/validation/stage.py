@@ -67,9 +67,9 @@ def text_sets(prepared: Path, source: Path, params: Params) -> TextSets:
 
 def baselines(model: torch.nn.Module, sets: TextSets) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The unperturbed loss on each text set, and its top-1 predictions; a non-finite loss stops the stage."""
-    measured = {"in_sample": sets.measure(model, "in_sample")}
+    measured = {"in_sample": sets.baseline(model, "in_sample")}
     if sets.heldout:
-        measured["heldout"] = sets.measure(model, "heldout")
+        measured["heldout"] = sets.baseline(model, "heldout")
     out = {key: loss for key, (loss, _) in measured.items()}
     for key, value in out.items():
         if not math.isfinite(value):
