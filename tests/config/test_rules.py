@@ -124,3 +124,28 @@ def test_rank_mode_per_layer_is_read_as_per_tensor():
     from critical_weights.config.params import parse_params
 
     assert parse_params({"rank": {"mode": "per_layer"}}).rank.mode == "per_tensor"
+
+
+def test_fractions_are_strictly_between_0_and_1_sorted_and_unique():
+    from critical_weights.config.rules import Fractions
+
+    assert Fractions("sparsity").check([0.5, 0.1, 0.5]) == (0.1, 0.5)
+    for bad in ([], [0], [1.0], [0.5, 1.2], [True], "0.5", [-0.1]):
+        with pytest.raises(Refused, match="strictly between 0 and 1 \\(each a sparsity\\)"):
+            Fractions("sparsity").check(bad)
+
+
+def test_structures_are_unstructured_or_n_of_m_with_n_below_m():
+    from critical_weights.config.rules import Structures
+
+    assert Structures().check(["unstructured", "2:4", "4:8"]) == ("unstructured", "2:4", "4:8")
+    with pytest.raises(Refused, match="needs 0 < N < M <= 64"):
+        Structures().check(["4:4"])
+    with pytest.raises(Refused, match="needs 0 < N < M <= 64"):
+        Structures().check(["0:4"])
+    with pytest.raises(Refused, match="is not a structure; use unstructured, or N:M.*did you mean unstructured\?\)"):
+        Structures().check(["unstructred"])
+    with pytest.raises(Refused, match="repeats an entry"):
+        Structures().check(["2:4", "2:4"])
+    with pytest.raises(Refused, match="non-empty list of structures"):
+        Structures().check([])

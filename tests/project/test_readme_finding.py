@@ -27,9 +27,12 @@ def test_the_finding_is_on_the_first_screen():
 
 
 def test_every_number_of_the_finding_is_the_committed_reports():
-    v, s, m = report("validation.json"), report("superweights.json"), report("metrics.json")
+    v, s, m, c = report("validation.json"), report("superweights.json"), report("metrics.json"), report("compression.json")
     base = v["loss_heldout"]
     want = [
+        f"from {c['perplexity_baseline']:.1f} to {c['wanda_ppl_50_per_row']:.1f} by `wanda`, "
+        f"{c['magnitude_ppl_50_per_row']:.1f} by magnitude and {c['grad_x_weight_ppl_50_per_row']:.1f} by `grad_x_weight`",
+        f"(at 2:4: {c['wanda_ppl_2_4']:,.1f}, {c['magnitude_ppl_2_4']:,.1f} and {c['grad_x_weight_ppl_2_4']:,.1f})",
         f"{m['n_texts']} corpus texts, {m['n_tokens']:,} tokens",
         f"from {base:.2f} to {base + v['zero_top1_loss_increase']:.2f} nats (+{v['zero_top1_loss_increase']:.2f})",
         f"top 10 adds {v['zero_top10_loss_increase']:.2f} nats",
@@ -44,7 +47,8 @@ def test_every_number_of_the_finding_is_the_committed_reports():
         f"Zeroing it adds {s['strongest_zeroed_loss_increase']:.2f} nats",
         f"({s['max_massive_activation']:,.0f} in the hidden state)",
         f"all but {s['strongest_restored_loss_increase']:.0e}".replace("e-06", "e-6"),
-        f"is {v['spearman_grad_x_weight']:.2f} for `grad_x_weight` and {v['spearman_magnitude']:.2f} for `magnitude`",
+        f"is {v['spearman_grad_x_weight']:.2f} for `grad_x_weight`, {v['spearman_wanda']:.2f} for `wanda` and "
+        f"{v['spearman_magnitude']:.2f} for `magnitude`",
         f"stays the same at only {100 * v['zero_top1_top1_agreement']:.1f}% of positions",
         f"({100 * v['zero_top10_top1_agreement']:.1f}% of predictions kept)",
         f"with {100 * v['zero_top100_top1_agreement']:.1f}% of predictions kept",

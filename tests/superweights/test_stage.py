@@ -51,7 +51,7 @@ def test_stage_on_a_dense_model_with_a_planted_super_weight(tmp_path, vocab, det
         "model.layers.0.mlp.down_proj.weight", BLOCK, ROW, COL, 2.0)
     assert c["input_spike"]["token"] is not None and c["input_spike"]["position"] is not None
     assert report["detection"]["n_sequences"] == (1 if detect_on == "prompt" else 3)
-    assert set(c["ranks"]) == {"grad_x_weight", "magnitude"}
+    assert set(c["ranks"]) == {"grad_x_weight", "magnitude", "wanda"}
     mag = c["ranks"]["magnitude"]
     assert mag["rank_in_tensor"] == 1 and mag["score"] == 2.0  # the largest |w| of its tensor
     base = report["baseline"]["loss"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from critical_weights.config.rules import Boolean, Choice, ChoiceOrIndex, Choices, Integer, Integers, Number, Positive, Problems, String, param, read_section
+from critical_weights.config.rules import (Boolean, Choice, ChoiceOrIndex, Choices, Fractions, Integer, Integers, Number, Positive,
+                                          Problems, String, Structures, param, read_section)
 from critical_weights.config.strict_yaml import read_yaml
 from critical_weights.core.errors import ParamsError
 from critical_weights.metrics import METRICS
@@ -30,6 +31,7 @@ PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
 CONTROLS = ("random_k", "bottom_k")
 BIT_NAMES = ("sign", "exponent_msb")
 DETECT_ON = ("prompt", "prepared")
+PRUNE_GROUPS = ("per_row", "per_tensor")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class SensitivityParams:
-    metrics: tuple[str, ...] = param(("grad_x_weight", "magnitude"), Choices(METRICS))  # computed in one run
+    metrics: tuple[str, ...] = param(("grad_x_weight", "magnitude", "wanda"), Choices(METRICS))  # computed in one run
     parameters: str = param("weights", Choice(PARAMETER_SETS))  # weights = every weight tensor of ndim >= 2 (experts too); all = also norms and biases
     micro_batch_size: int = param(8, Integer(minimum=1))  # sequences per forward+backward
     batch_tokens: int = param(256, Integer(minimum=0))  # token budget per micro-batch (padded), 0 = no budget
@@ -59,6 +61,7 @@ class SensitivityParams:
     dense: bool = param(False, Boolean())  # also write every score (small models and tests only)
     hutchinson_probes: int = param(8, Integer(minimum=1))  # Rademacher probes for the `hutchinson` metric
     checkpointing: bool = param(True, Boolean())  # recompute each block's forward in backward: less memory, one more forward of the blocks
+    save_sums: bool = param(True, Boolean())  # keep the float32 sums (dL/dW, ...) whole, 4 bytes per weight each: compress needs them
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,17 @@ class SuperweightsParams:
 
 
 @dataclass(frozen=True)
+class CompressParams:
+    sparsities: tuple[float, ...] = param((0.1, 0.3, 0.5, 0.7), Fractions("sparsity"))  # unstructured: shares pruned
+    structures: tuple[str, ...] = param(("unstructured", "2:4", "4:8"), Structures())  # unstructured and/or N:M
+    groups: tuple[str, ...] = param(("per_row",), Choices(PRUNE_GROUPS))  # unstructured: compared per output row (Wanda) or per tensor
+    include: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names; empty = every weight inside the blocks
+    n_texts: int = param(16, Integer(minimum=1))  # held-out texts every perplexity is measured on, drawn as validate draws them
+    mask_sparsity: float = param(0.5, Number(0.0, 0.99))  # masks.safetensors: rank.metric, unstructured per row; 0 = none
+    imatrix: bool = param(True, Boolean())  # imatrix.gguf: llama.cpp's importance matrix from wanda's sums of x²
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = param(42, Integer(minimum=0, maximum=2**32 - 1))  # every random choice flows from here
     texts: TextsParams = TextsParams()
@@ -117,6 +131,7 @@ class Params:
     plot: PlotParams = PlotParams()
     validate: ValidateParams = ValidateParams()
     superweights: SuperweightsParams = SuperweightsParams()
+    compress: CompressParams = CompressParams()
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))

@@ -149,6 +149,41 @@ class Integers:
 
 
 @dataclass(frozen=True)
+class Fractions:
+    """A non-empty list of numbers strictly between 0 and 1, held sorted and without repeats."""
+
+    what: str  # what a value is ("sparsity")
+
+    def check(self, value: Any) -> tuple[float, ...]:
+        ok = isinstance(value, list) and value and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < 1 for v in value)
+        if not ok:
+            raise Refused(f"{show(value)} must be a non-empty list of numbers strictly between 0 and 1 (each a {self.what})")
+        return tuple(sorted({float(v) for v in value}))
+
+
+@dataclass(frozen=True)
+class Structures:
+    """A non-empty list of pruning structures: `unstructured`, or `N:M` with 0 < N < M <= 64."""
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise Refused(f"{show(value)} must be a non-empty list of structures: unstructured, or N:M such as 2:4")
+        for v in value:
+            n, colon, m = v.partition(":")
+            if v == "unstructured":
+                continue
+            if not (colon and n.isdigit() and m.isdigit()):
+                raise Refused(f"{show(v)} is not a structure; use unstructured, or N:M such as 2:4 or 4:8"
+                              f"{did_you_mean(v, ('unstructured', '2:4', '4:8'))}")
+            if not 0 < int(n) < int(m) <= 64:
+                raise Refused(f"{show(v)}: N:M prunes N of every M inputs and needs 0 < N < M <= 64 (2:4, 4:8)")
+        if len(set(value)) != len(value):
+            raise Refused(f"{show(value)} repeats an entry")
+        return tuple(value)
+
+
+@dataclass(frozen=True)
 class ChoiceOrIndex:
     """One of some names, or an integer index in range(limit)."""
 

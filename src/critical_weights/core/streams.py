@@ -6,7 +6,8 @@ draws its texts from `seed` alone.
 """
 
 STREAM_TEXTS = 1  # the in-sample share of the prepared texts (validate, superweights)
-STREAM_HOLDOUT = 2  # held-out source texts, from those prepare did not choose (validate)
+STREAM_HOLDOUT = 2  # held-out source texts, from those prepare did not choose (validate, compress)
 STREAM_RANDOM_K = 3  # random_k controls and superweights' random weights
 STREAM_NOISE = 4  # gauss_noise perturbations
 STREAM_SAMPLE = 5  # the weights sampled to test each metric's predictions
+STREAM_PRUNE = 6  # compress: the random pruning scores

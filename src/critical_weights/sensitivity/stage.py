@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from critical_weights.artifacts import prepared_texts, shards
+from critical_weights.artifacts import prepared_texts, shards, sums
 from critical_weights.config.params import Params
 from critical_weights.core.errors import out_of_memory
 from critical_weights.core.outputs import atomic_path
@@ -92,10 +92,12 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         stats = []
         places = layout.describe(model, [n for n, _ in params_list])
 
+        writers = _sums_writers(tmp, acc, extra_meta) if params.sensitivity.save_sums else {}
+
         def score(item: tuple[int, tuple[str, torch.Tensor]]) -> Scored:
             index, (name, weight) = item
             return _score_parameter(tmp, index, name, weight, places[name], acc, params, skipped,
-                                    tokenizer if id(weight) in token_rows else None)
+                                    tokenizer if id(weight) in token_rows else None, writers)
 
         # two parameters at a time: small tensors leave a core idle, and writing overlaps the
         # next tensor's scores; each parameter's result is the same bits, written in order
@@ -108,11 +110,24 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
                         candidates.add(scored.top, scored.bottom)
         finally:
             pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C, start no other parameter
+        for writer in writers.values():
+            writer.close()
         shards.write_stats(tmp, stats)
         shards.write_meta(tmp, shards_meta(extra_meta, params, acc.loss_sum, acc.n_tokens, acc.n_sequences,
                                            len(params_list), sum(w.numel() for _, w in params_list), skipped,
                                            _moe_layers(model, acc)))
     log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
+
+
+def _sums_writers(folder: Path, acc, extra_meta: dict[str, Any]) -> dict[str, sums.SumsWriter]:
+    """A writer per accumulator the run filled (critical_weights.artifacts.sums), its header
+    fixed from the names and shapes before the first parameter is scored."""
+    meta = {"format": "critical-weights/sums/1", "model": str(extra_meta.get("model", {}).get("name")),
+            "text_sha256": str(extra_meta.get("text_sha256")), "n_tokens": str(acc.n_tokens)}
+    stores = {"grad": acc.grad, "fisher": acc.fisher, "hutchinson": acc.hutchinson, "act_sq": acc.act_sq}
+    return {kind: sums.SumsWriter(sums.path_of(folder, kind), {n: tuple(t.shape) for n, t in store.items()},
+                                  {**meta, "kind": kind})
+            for kind, store in stores.items() if store}
 
 
 def shards_meta(extra_meta: dict[str, Any], params: Params, loss_sum: float, n_tokens: int, n_sequences: int,
@@ -188,9 +203,10 @@ class Scored(NamedTuple):
 
 
 def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, place: layout.TensorLayout,
-                     acc, params: Params, skipped: dict[str, str], tokenizer: Any) -> Scored:
-    """Score one parameter with every metric (writing its dense shard, if asked) and free its
-    accumulators."""
+                     acc, params: Params, skipped: dict[str, str], tokenizer: Any,
+                     writers: dict[str, sums.SumsWriter]) -> Scored:
+    """Score one parameter with every metric (writing its dense shard and its sums, if asked)
+    and free its accumulators."""
     w_flat = weight.detach().reshape(-1)
     g_flat = acc.grad[name].reshape(-1)
     top: list[pa.Table] = []
@@ -210,6 +226,10 @@ def _score_parameter(folder: Path, index: int, name: str, weight: torch.Tensor, 
             dense[metric] = np.concatenate(scores)
     if dense:
         shards.write_dense(folder, index, name, dense)
+    for kind, writer in writers.items():
+        held = getattr(acc, kind).get(name)
+        if held is not None:
+            writer.write(name, held.float().cpu().numpy())
     for store in (acc.grad, acc.fisher, acc.hutchinson, acc.act_sq):
         store.pop(name, None)  # free this parameter's accumulators
     return Scored(stats, *(pa.concat_tables(t) if t else shards.CANDIDATE_SCHEMA.empty_table() for t in (top, bottom)))

@@ -137,10 +137,12 @@ def prepare_texts(
     return PreparedTexts(kept_index, kept_texts, ids, len(texts))
 
 
-def unchosen_ids(source: Path, prepared: Path, n: int, max_length: int, seed: int, stream: int) -> tuple[list[list[int]], str | None]:
+def unchosen_ids(source: Path, prepared: Path, n: int, max_length: int, seed: int, stream: int,
+                 key: str = "validate.n_texts x validate.holdout") -> tuple[list[list[int]], str | None]:
     """Token ids of up to `n` source texts that `prepare` did not choose (held out from the
     gradients), drawn by (`seed`, `stream`), tokenised with the prepared tokenizer and
-    truncated at `max_length` as `prepare` does; texts under 2 tokens are dropped.
+    truncated at `max_length` as `prepare` does; texts under 2 tokens are dropped. `key` names
+    the param a warning blames when fewer are held out than asked for.
 
     Returns the ids and, when none could be had, the reason (the caller says it)."""
     from transformers import AutoTokenizer
@@ -152,8 +154,7 @@ def unchosen_ids(source: Path, prepared: Path, n: int, max_length: int, seed: in
     unchosen = sorted(set(range(len(all_texts))) - set(read_prepared_index(prepared)))
     if not unchosen:
         return [], f"prepare chose every text of {source}, so none is left to hold out (lower texts.n_texts)"
-    drawn = choose(len(unchosen), n, seed, stream, "validate.n_texts x validate.holdout",
-                   "only {n} source texts are held out from prepare")
+    drawn = choose(len(unchosen), n, seed, stream, key, "only {n} source texts are held out from prepare")
     pick = [unchosen[i] for i in drawn]
     tokenizer = AutoTokenizer.from_pretrained(prepared / TOKENIZER_DIR)
     ids = [s for s in (tokenizer(all_texts[i])["input_ids"][:max_length] for i in pick) if len(s) >= 2]
