@@ -46,3 +46,12 @@ def test_bytes_that_are_not_utf8(tmp_path):
 
 def test_a_folder_cannot_be_read(tmp_path):
     assert problem(tmp_path) == f"{tmp_path}: cannot be read (Is a directory)"
+
+
+def test_n_of_m_stays_a_string_as_yaml_1_2_and_dvc_read_it_but_numbers_stay_numbers(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("s: [unstructured, 2:4, 4:8]\nt: 1:30\na: 12\nb: 0.5\nc: -3\nd: .inf\ne: 0x1f\nf: 1.5e+3\n",
+                    encoding="utf-8")
+    got = read_yaml(path)
+    assert got["s"] == ["unstructured", "2:4", "4:8"] and got["t"] == "1:30"
+    assert (got["a"], got["b"], got["c"], got["d"], got["e"], got["f"]) == (12, 0.5, -3, float("inf"), 31, 1500.0)
