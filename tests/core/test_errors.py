@@ -26,7 +26,7 @@ from critical_weights.model import loading, tokenization
 from critical_weights.model.source import HUB_TIMEOUT_S, resolve_source
 
 ALL_METRICS = ", ".join(METRICS)
-SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress"
+SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress, quantize"
 KINDS = "smollm2-135m, a .gguf file, a model folder in Hugging Face format, or a hub id owner/name"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 

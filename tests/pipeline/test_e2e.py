@@ -22,7 +22,7 @@ import yaml
 
 from _project import run_in, set_params
 
-ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress"}
+ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress", "quantize"}
 
 
 def _ran(output: str) -> set[str]:
@@ -59,7 +59,7 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
 
     set_params(repo, rank__metric="wanda")  # validate, superweights and compress's masks use rank.metric
     assert _ran(run_in(["dvc", "repro"], repo).stdout) == {"rank", "export", "plot", "validate", "superweights", "compress"}
-    for mode in ("per_block", "per_component", "global"):
+    for mode in ("per_block", "global"):  # per_component's output: tests/pipeline/test_stages.py
         set_params(repo, rank__mode=mode)
         run = run_in(["dvc", "repro"], repo)
         assert _ran(run.stdout) == {"rank", "export", "plot", "validate"}, mode
@@ -68,6 +68,9 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
         assert {r["metric"] for r in rows} == {"wanda"}
         if mode == "global":
             assert len(rows) == 3
+
+    set_params(repo, quantize__bits=[2], quantize__keep=[0.05])
+    assert _ran(run_in(["dvc", "repro"], repo).stdout) == {"quantize"}  # from the saved sums: no forward+backward
 
     run_in(["git", "checkout", "params.yaml", "dvc.lock"], repo)
     exp = run_in(["dvc", "exp", "run", "-S", "seed=7"], repo)

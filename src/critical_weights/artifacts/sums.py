@@ -42,7 +42,7 @@ def path_of(sensitivity: Path, kind: str) -> Path:
     return sensitivity / FOLDER / f"{kind}.safetensors"
 
 
-_DTYPES = {"F32": "<f4", "U8": "u1"}  # safetensors dtype -> numpy
+_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "U8": "u1"}  # safetensors dtype -> numpy (BF16: its bits)
 
 
 class SumsWriter:
@@ -67,7 +67,8 @@ class SumsWriter:
         os.ftruncate(self.fd, self.start + offset)
 
     def write(self, name: str, values: np.ndarray) -> None:
-        """`values`: the tensor's values (float32 for sums), any layout that reshapes to its shape."""
+        """`values`: the tensor's values (float32 for sums; for BF16 the uint16 bit patterns), any
+        layout that reshapes to its shape."""
         entry = self.header[name]
         data = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1)
         if data.size != math.prod(entry["shape"]):

@@ -10,6 +10,12 @@ and `imatrix.chunk_size` (`texts.max_length`). Names are the model's GGUF names
 (`blk.N.attn_q.weight`), mapped by the gguf package's own tensor-name map for the model's
 architecture. Embeddings (looked up, not multiplied) and tensors the map does not know are
 left out and listed.
+
+The gradient-weighted variant (`statistic="fisher"`, `compress.imatrix_fisher`) puts in
+`in_sum2` the column sums of the Fisher diagonal instead (per input column j, the sum over the
+tensor's rows, per expert for experts, of the mean over texts of g_n²), times the number of
+texts, with that number as `counts`: what llama.cpp divides by, so its importance is the
+Fisher column sum itself.
 """
 
 from __future__ import annotations
@@ -43,10 +49,22 @@ def gguf_name(names: Any, parameter: str) -> str | None:
     return mapped if mapped.endswith((".weight", ".bias")) else mapped + ".weight"
 
 
-def build(sums: Sums, layouts: dict[str, str], meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+MULTIPLIED = ("linear", "conv1d", "experts", "experts_in_out")  # layouts whose last axes are (out, in) or (in, out)
+_ROW_AXIS = {"linear": 0, "conv1d": 1, "experts": 1, "experts_in_out": 2}  # summed over for Fisher's column sums
+
+
+def fisher_columns(fisher: np.ndarray, kind: str) -> np.ndarray:
+    """(n_mat, in) float32: Fisher summed over each input column's rows (per expert for experts)."""
+    sums = fisher.astype(np.float64).sum(axis=_ROW_AXIS[kind])
+    return sums.reshape(-1 if kind in ("experts", "experts_in_out") else 1, sums.shape[-1]).astype(np.float32)
+
+
+def build(sums: Sums, layouts: dict[str, str], meta: dict[str, Any],
+          statistic: str = "act_sq") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors of the file (in parameter order) and the parameters left out, with the reason.
 
-    `layouts`: parameter -> layout kind, for every scored parameter; `meta`: the shards' meta.json."""
+    `layouts`: parameter -> layout kind, for every scored parameter; `meta`: the shards' meta.json;
+    `statistic`: `act_sq` (llama.cpp's own, x²) or `fisher` (see the module docstring)."""
     model = meta.get("model", {})
     names = name_map(str(model.get("model_type")), int(model.get("n_blocks") or 0))
     tokens = int(meta["n_tokens"]) + int(meta["n_sequences"])  # every real token, the first of each text too
@@ -54,7 +72,7 @@ def build(sums: Sums, layouts: dict[str, str], meta: dict[str, Any]) -> tuple[di
     tensors: dict[str, np.ndarray] = {}
     left_out: dict[str, str] = {}
     for parameter, kind in layouts.items():
-        if not sums.has("act_sq", parameter):
+        if not sums.has(statistic, parameter) or (statistic == "fisher" and kind not in (*MULTIPLIED, "embedding")):
             continue
         if kind == "embedding":
             left_out[parameter] = "an embedding is looked up, not multiplied: no input columns to weigh"
@@ -62,6 +80,12 @@ def build(sums: Sums, layouts: dict[str, str], meta: dict[str, Any]) -> tuple[di
         target = gguf_name(names, parameter)
         if target is None:
             left_out[parameter] = "the gguf package's name map has no GGUF name for it"
+            continue
+        if statistic == "fisher":
+            n_texts = int(meta["n_sequences"])
+            tensors[f"{target}.in_sum2"] = np.ascontiguousarray(
+                fisher_columns(sums.get("fisher", parameter), kind) * np.float32(n_texts))
+            tensors[f"{target}.counts"] = np.full((tensors[f"{target}.in_sum2"].shape[0], 1), n_texts, dtype=np.float32)
             continue
         act = sums.get("act_sq", parameter)
         if kind in ("experts", "experts_in_out"):

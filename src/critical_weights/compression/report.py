@@ -26,11 +26,24 @@ def json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def protocol(params: Params, which: str, ids: list[list[int]]) -> dict[str, Any]:
+    """How every perplexity of the compression stages is measured."""
+    return {"texts": which, "source": params.texts.source, "n_texts": len(ids), "n_tokens": predicted_tokens(ids),
+            "context": params.texts.max_length, "windows": False, "stride": None,
+            "loss": "mean next-token cross-entropy over every predicted token (validate's own loss code)"}
+
+
+def ln_vocab_of(meta: dict[str, Any]) -> float | None:
+    """ln V of the model's vocabulary: past it a loss is worse than a uniform guess."""
+    vocab = meta.get("model", {}).get("vocab_size")
+    return math.log(vocab) if vocab else None
+
+
 def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights: int, already_zero: int, which: str,
                  ids: list[list[int]], baseline: float, sets: list[str], rows: list[dict[str, Any]],
                  export: tuple | None) -> dict[str, Any]:
     """Everything the stage measured, with the protocol every perplexity was measured under."""
-    ln_vocab = math.log(meta.get("model", {}).get("vocab_size") or 0) if meta.get("model", {}).get("vocab_size") else None
+    ln_vocab = ln_vocab_of(meta)
     for r in rows:
         r["saturated"] = not r["finite"] or (ln_vocab is not None and r["loss"] > ln_vocab)
         r["series"] = f"{r['structure']} {r['group']}" if r["structure"] == "unstructured" else r["structure"]
@@ -42,11 +55,7 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
                     "sparsity": sparsity, "loss": hit["loss"], "perplexity": hit["perplexity"],
                     "top1_agreement": hit["top1_agreement"]}
     return {
-        "protocol": {
-            "texts": which, "source": params.texts.source, "n_texts": len(ids), "n_tokens": predicted_tokens(ids),
-            "context": params.texts.max_length, "windows": False, "stride": None,
-            "loss": "mean next-token cross-entropy over every predicted token (validate's own loss code)",
-        },
+        "protocol": protocol(params, which, ids),
         "baseline": {"loss": baseline, "perplexity": math.exp(baseline), "ln_vocab": ln_vocab},
         "pruned": {
             "tensors": [t.name for t in tensors], "n_tensors": len(tensors), "n_weights": n_weights,

@@ -65,3 +65,13 @@ def scores(metric: str, name: str, weight: torch.Tensor, kind: str, sums: Sums, 
     with torch.no_grad():
         stored = metric_scores(metric, name, weight, one, slice(0, weight.reshape(-1, weight.shape[-1]).shape[0]))
     return to_out_in(stored.reshape(weight.shape), kind)
+
+
+def input_norms(name: str, weight: torch.Tensor, kind: str, sums: Sums) -> torch.Tensor:
+    """(out, in) float32: at every weight, the L2 norm of the input it multiplies (wanda's
+    ||x_j||, from the same saved sums of x², so the same float32 arithmetic)."""
+    one = _One(act_sq={name: torch.from_numpy(sums.get("act_sq", name)).to(weight.device)})
+    with torch.no_grad():
+        stored = metric_scores("wanda", name, torch.ones_like(weight), one,
+                               slice(0, weight.reshape(-1, weight.shape[-1]).shape[0]))
+    return to_out_in(stored.reshape(weight.shape), kind)

@@ -12,8 +12,10 @@
    weights zeroed in place; one loss evaluation (validate's own loss code); the originals
    written back.
 5. The exports folder: `masks.safetensors` for rank.metric, unstructured per row at
-   `compress.mask_sparsity` (unless 0), and `imatrix.gguf` (with `compress.imatrix`); then the report, the headline, the table behind the DVC plot and the figure
-   (critical_weights.compression.report).
+   `compress.mask_sparsity` (unless 0); `imatrix.gguf` (with `compress.imatrix`);
+   `imatrix_fisher.gguf` (with `compress.imatrix_fisher`); `scores.safetensors`, rank.metric's
+   scores in `compress.scores` precision (unless none). Then the report, the headline, the
+   table behind the DVC plot and the figure (critical_weights.compression.report).
 
 Wanda's activations are one pass of the dense model over the prepared texts (the sums of x²
 the sensitivity stage saved), not the paper's block-by-block pass through the already-pruned
@@ -53,7 +55,8 @@ from critical_weights.validation.checked import load_checked
 from critical_weights.validation.evaluation import loss_and_top1, loss_record
 
 log = logging.getLogger(__name__)
-MASKS, IMATRIX = "masks.safetensors", "imatrix.gguf"  # in the exports folder
+MASKS, IMATRIX, IMATRIX_FISHER, SCORES = "masks.safetensors", "imatrix.gguf", "imatrix_fisher.gguf", "scores.safetensors"
+SCORE_CODES = {"bfloat16": "BF16", "float16": "F16"}  # safetensors' names
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,9 @@ class Pruner:
                 self.weights[t.name].copy_(self.originals[t.name])
 
 
-def _texts(prepared: Path, source: Path, params: Params) -> tuple[list[list[int]], str]:
-    """The held-out texts (or, with none, the in-sample ones) and which they are."""
+def measured_texts(prepared: Path, source: Path, params: Params) -> tuple[list[list[int]], str]:
+    """The texts every compression perplexity is measured on: `compress.n_texts` held-out ones
+    (or, with none, in-sample ones), and which they are."""
     heldout, missing = sources.unchosen_ids(source, prepared, params.compress.n_texts, params.texts.max_length,
                                             params.seed, STREAM_HOLDOUT, "compress.n_texts")
     if heldout:
@@ -156,7 +160,7 @@ def _texts(prepared: Path, source: Path, params: Params) -> tuple[list[list[int]
     return sources.in_sample(input_ids, params.compress.n_texts, params.seed, "compress.n_texts"), "in_sample"
 
 
-def _check_metrics(sets: list[str], sums: Sums, tensors: list[Target]) -> None:
+def check_metrics(sets: list[str], sums: Sums, tensors: list[Target]) -> None:
     for metric in sets:
         if metric == RANDOM:
             continue
@@ -179,14 +183,18 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
         tensors = targets(stats, cp.include)
         sums = Sums(sensitivity)
         sets = sets_of(list(meta["metrics"]))
-        _check_metrics(sets, sums, tensors)
+        check_metrics(sets, sums, tensors)
         no_imatrix = None
         if cp.imatrix and "act_sq" not in sums.kinds:
             no_imatrix = ("not written: the importance matrix is wanda's sums of x^2, which this run did not compute; "
                           "add wanda to sensitivity.metrics, or set compress.imatrix false")
             log.warning("compress.imatrix: %s", no_imatrix)
+        if cp.imatrix_fisher and "fisher" not in sums.kinds:
+            raise ParamsError(["compress.imatrix_fisher: the gradient-weighted importance matrix needs the Fisher sums, "
+                               "which this run did not compute; add fisher (or taylor2) to sensitivity.metrics, or set "
+                               "compress.imatrix_fisher false"])
         configs = configurations(params)
-        ids, which = _texts(prepared, source, params)
+        ids, which = measured_texts(prepared, source, params)
         candidates = shards.read_candidates(sensitivity, stats, params.rank.metric)
         firsts = candidates.filter(pc.equal(candidates["rank"], 1))  # each tensor's top weight: checked on the model
         expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in tensors])))
@@ -223,7 +231,7 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
             log.info("%s %s %s %.2f: loss %.4f (baseline %.4f)", metric, structure, group, sparsity, loss, baseline)
     log.info("compress: building masks took %.1f s, loss evaluations %.1f s (masks %.0f%% of both)",
              pruner.mask_seconds, eval_seconds, 100 * pruner.mask_seconds / max(1e-9, pruner.mask_seconds + eval_seconds))
-    importance = None
+    importance = fisher_importance = exported_scores = None
     with timings.phase("write exports"), atomic_path(out.exports) as tmp:
         tmp.mkdir()
         if export is not None:
@@ -232,9 +240,15 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
             importance = _write_imatrix(tmp / IMATRIX, sums, stats, meta, params)
         elif no_imatrix is not None:
             importance = {"file": None, "reason": no_imatrix}
+        if cp.imatrix_fisher:
+            fisher_importance = _write_imatrix(tmp / IMATRIX_FISHER, sums, stats, meta, params, "fisher")
+        if cp.scores != "none":
+            exported_scores = _write_scores(tmp / SCORES, pruner, params.rank.metric, cp.scores, meta)
     report = rep.build_report(params, meta, tensors, pruner.n_weights, pruner.already_zero, which, ids, baseline,
                               sets, rows, export)
     report["imatrix"] = importance
+    report["imatrix_fisher"] = fisher_importance
+    report["exported_scores"] = exported_scores
     with timings.phase("write"):
         write_json(out.report, report)
         write_json(out.metrics, rep.headline(report))
@@ -261,13 +275,37 @@ def _write_masks(path: Path, pruner: Pruner, export: tuple[str, str, str, float]
         writer.close()
 
 
-def _write_imatrix(path: Path, sums: Sums, stats: Any, meta: dict[str, Any], params: Params) -> dict[str, Any]:
-    """imatrix.gguf (critical_weights.compression.imatrix); what it holds and what it leaves out."""
+def _write_imatrix(path: Path, sums: Sums, stats: Any, meta: dict[str, Any], params: Params,
+                   statistic: str = "act_sq") -> dict[str, Any]:
+    """imatrix.gguf or imatrix_fisher.gguf (critical_weights.compression.imatrix); what it holds
+    and what it leaves out."""
     rows = stats.filter(pc.equal(stats["metric"], stats["metric"][0])).to_pylist()
-    tensors, left_out = imatrix.build(sums, {r["parameter"]: r["layout"] for r in rows}, meta)
+    tensors, left_out = imatrix.build(sums, {r["parameter"]: r["layout"] for r in rows}, meta, statistic)
     for name, why in left_out.items():
-        log.info("imatrix leaves out %s: %s", name, why)
+        log.info("%s leaves out %s: %s", path.name, name, why)
     imatrix.write(path, tensors, [params.texts.source], int(meta["n_sequences"]), params.texts.max_length,
                   str(meta.get("model", {}).get("model_type")))
-    return {"file": IMATRIX, "n_tensors": len(tensors) // 2, "left_out": left_out,
-            "counts": "every real token of the prepared texts (per expert: the tokens its router sent it)"}
+    counts = ("every real token of the prepared texts (per expert: the tokens its router sent it)" if statistic == "act_sq"
+              else "the prepared texts; in_sum2 / counts is each input column's sum of the Fisher diagonal")
+    return {"file": path.name, "statistic": statistic, "n_tensors": len(tensors) // 2, "left_out": left_out,
+            "counts": counts}
+
+
+def _write_scores(path: Path, pruner: Pruner, metric: str, dtype: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """scores.safetensors: `metric`'s score of every weight of the pruned tensors, stored shape."""
+    model = meta.get("model", {})
+    header = {"format": "critical-weights/scores/1", "metric": metric, "dtype": dtype,
+              "text_sha256": str(meta.get("text_sha256")), "model": str(model.get("name")),
+              "model_weight_sha256": rep.json_text(model.get("weight_sha256"))}
+    torch_dtype = getattr(torch, dtype)
+    writer = SumsWriter(path, {t.name: t.shape for t in pruner.tensors}, header, dtype=SCORE_CODES[dtype])
+    try:
+        for i, t in enumerate(pruner.tensors):
+            s = to_stored(scores(metric, t.name, pruner.weights[t.name], t.kind, pruner.sums, pruner.seed, i), t.kind, t.shape)
+            narrow = s.to(torch_dtype).cpu()
+            writer.write(t.name, (narrow.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16"
+                                  else narrow.numpy()))
+    finally:
+        writer.close()
+    return {"file": SCORES, "metric": metric, "dtype": dtype, "n_tensors": len(pruner.tensors),
+            "scores": "the metric's score of every weight, as the sensitivity stage computes it, rounded to nearest"}

@@ -32,6 +32,7 @@ CONTROLS = ("random_k", "bottom_k")
 BIT_NAMES = ("sign", "exponent_msb")
 DETECT_ON = ("prompt", "prepared")
 PRUNE_GROUPS = ("per_row", "per_tensor")
+SCORE_DTYPES = ("none", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,20 @@ class CompressParams:
     structures: tuple[str, ...] = param(("unstructured", "2:4", "4:8"), Structures())  # unstructured and/or N:M
     groups: tuple[str, ...] = param(("per_row",), Choices(PRUNE_GROUPS))  # unstructured: compared per output row (Wanda) or per tensor
     include: tuple[str, ...] = param((), Choices())  # glob patterns over parameter names; empty = every weight inside the blocks
-    n_texts: int = param(16, Integer(minimum=1))  # held-out texts every perplexity is measured on, drawn as validate draws them
+    n_texts: int = param(16, Integer(minimum=1))  # held-out texts every compress and quantize perplexity is measured on
     mask_sparsity: float = param(0.5, Number(0.0, 0.99))  # masks.safetensors: rank.metric, unstructured per row; 0 = none
     imatrix: bool = param(True, Boolean())  # imatrix.gguf: llama.cpp's importance matrix from wanda's sums of x²
+    imatrix_fisher: bool = param(False, Boolean())  # imatrix_fisher.gguf: the same format, Fisher's column sums (needs fisher)
+    scores: str = param("none", Choice(SCORE_DTYPES))  # scores.safetensors: rank.metric's scores of the pruned tensors; none = no file
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    bits: tuple[int, ...] = param((3,), Integers(minimum=2, maximum=8))  # round-to-nearest widths, each measured
+    group_size: int = param(128, Integer(minimum=1))  # inputs per group along each row; a smaller last group where it does not divide
+    symmetric: bool = param(False, Boolean())  # false: asymmetric min-max (a zero point per group); true: max |w|
+    keep: tuple[float, ...] = param((0.0001, 0.001, 0.01), Fractions("share of the quantised weights kept"))  # global top shares kept at their original values
+    channels: float = param(0.01, Number(0.0, 0.5))  # AWQ: the top share of each tensor's input channels kept; 0 = none
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ class Params:
     validate: ValidateParams = ValidateParams()
     superweights: SuperweightsParams = SuperweightsParams()
     compress: CompressParams = CompressParams()
+    quantize: QuantizeParams = QuantizeParams()
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))

@@ -138,13 +138,16 @@ class Choices:
 
 @dataclass(frozen=True)
 class Integers:
-    """A non-empty list of integers, held sorted and without repeats."""
+    """A non-empty list of integers in [minimum, maximum], held sorted and without repeats."""
 
     minimum: int
+    maximum: int | None = None
 
     def check(self, value: Any) -> tuple[int, ...]:
-        if not (isinstance(value, list) and value and all(_is_int(v) and v >= self.minimum for v in value)):
-            raise Refused(f"{show(value)} must be a non-empty list of integers >= {self.minimum}")
+        top = self.maximum if self.maximum is not None else float("inf")
+        if not (isinstance(value, list) and value and all(_is_int(v) and self.minimum <= v <= top for v in value)):
+            bounds = f">= {self.minimum}" if self.maximum is None else f"from {self.minimum} to {self.maximum}"
+            raise Refused(f"{show(value)} must be a non-empty list of integers {bounds}")
         return tuple(sorted(set(value)))
 
 
