@@ -1,20 +1,25 @@
 """The quantize stage on the tiny model: a row per width, set and share with exact counts, a
 reported loss equal to quantising and keeping by hand, the originals of every kept weight,
-and one-line errors for bad params."""
+whole input channels kept on Conv1D and expert tensors, and one-line errors for bad params."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from _tiny import build_tokenizer, run_prepare_and_sensitivity, save_model_dir, tiny_params
+from architectures import build
+from critical_weights.artifacts import shards
 from critical_weights.artifacts.sums import Sums
-from critical_weights.compression.quantization import ACTIVATION, stored_positions
+from critical_weights.compression.quantization import ACTIVATION, Chooser, Outputs, run_quantize, stored_positions
 from critical_weights.compression.rtn import quantized as rtn
-from critical_weights.compression.stage import Target
+from critical_weights.compression.stage import Target, targets
+from critical_weights.core.progress import Timings
 from critical_weights.config.params import parse_params
 from critical_weights.core.errors import ParamsError
 from critical_weights.validation.evaluation import mean_loss
@@ -93,3 +98,32 @@ def test_bad_quantize_params_get_one_line_each(key, value, message):
     with pytest.raises(ParamsError) as caught:
         parse_params({"quantize": {key: value}})
     assert message in str(caught.value) and "\n" not in str(caught.value).strip()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral", "gpt_oss"])  # Conv1D (in, out); experts (E, out, in); (E, in, out)
+def test_turned_layouts_keep_whole_input_channels_of_each_expert(arch, tmp_path):
+    params = tiny_params(save_model_dir(tmp_path / arch, build(arch, vocab=len(build_tokenizer()))),
+                         sensitivity={"metrics": ("grad_x_weight", "wanda"), "dense": False},
+                         compress={"n_texts": 2}, quantize={"bits": (3,), "group_size": 8, "keep": (0.05,), "channels": 0.25})
+    prepared, sens = run_prepare_and_sensitivity(tmp_path / "run", params)
+    out = Outputs(*(tmp_path / n for n in ("q.json", "r.json", "q.csv", "q.png")))
+    report = run_quantize(prepared, sens, Path(params.texts.source), params, out, Timings("quantize"))
+    assert all(r["finite"] for r in report["table"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.float32)
+    tensors = targets(shards.read_stats(sens), ())
+    kinds = {t.kind for t in tensors}
+    assert {"gpt2": "conv1d", "mixtral": "experts", "gpt_oss": "experts_in_out"}[arch] in kinds
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    kept, n = Chooser(weights, tensors, Sums(sens), params.seed).channels(ACTIVATION, 0.25)
+    assert n == next(r["n_kept"] for r in report["table"] if r["protect"] == "channels" and r["metric"] == ACTIVATION)
+    for t, at in zip(tensors, kept):
+        marked = torch.zeros(math.prod(t.shape), dtype=torch.bool)
+        marked[at] = True
+        marked = marked.reshape(t.shape)
+        in_axis = {"conv1d": 0, "experts_in_out": 1}.get(t.kind, len(t.shape) - 1)
+        units = [marked] if len(t.shape) == 2 else list(marked)
+        for unit in units:  # each unit's kept weights are whole input channels: every output of floor(in / 4) inputs
+            axis = in_axis if len(t.shape) == 2 else in_axis - 1
+            columns = unit.all(dim=1 - axis)
+            assert int(columns.sum()) == t.shape[in_axis] // 4, t.name
+            assert torch.equal(unit, columns.unsqueeze(1 - axis).expand_as(unit)), t.name
