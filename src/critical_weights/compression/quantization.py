@@ -31,18 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from critical_weights.artifacts import shards
 from critical_weights.artifacts.sums import Sums
 from critical_weights.compression import quantization_report as rep
 from critical_weights.compression.protect import top_channels, top_positions
 from critical_weights.compression.rtn import quantized
-from critical_weights.compression.scores import RANDOM, TURNED, input_norms, scores, to_out_in, to_stored
-from critical_weights.compression.stage import Target, check_metrics, measured_texts, sets_of, targets
+from critical_weights.compression.scores import TURNED, input_norms, scores, to_out_in, to_stored
+from critical_weights.compression.stage import Measurer, Originals, Target, load_model, plan
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError
 from critical_weights.core.memory import unmap_large_blocks
@@ -50,8 +46,6 @@ from critical_weights.core.outputs import write_json, write_text
 from critical_weights.core.progress import Timings, counted
 from critical_weights.model import loading
 from critical_weights.reports.figures import save_png
-from critical_weights.validation.checked import load_checked
-from critical_weights.validation.evaluation import loss_and_top1, loss_record
 
 log = logging.getLogger(__name__)
 ACTIVATION = "activation"  # the channel set chosen by input norm alone, as AWQ chooses
@@ -67,14 +61,11 @@ class Outputs:
     plot: Path  # quantization.png
 
 
-class Quantizer:
+class Quantizer(Originals):
     """The quantised tensors of a model: RTN in place, originals written back where kept."""
 
     def __init__(self, model: torch.nn.Module, tensors: list[Target]):
-        self.weights = dict(model.named_parameters())
-        self.tensors = tensors
-        self.originals = {t.name: self.weights[t.name].detach().clone() for t in tensors}
-        self.n_weights = sum(self.weights[t.name].numel() for t in tensors)
+        super().__init__(model, tensors)
         self.quantize_seconds = 0.0
 
     def quantize(self, bits: int, group_size: int, symmetric: bool) -> None:
@@ -100,12 +91,6 @@ class Quantizer:
         with torch.no_grad():
             for t, at, values in zip(self.tensors, positions, replaced):
                 self.weights[t.name].view(-1)[at] = values
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for t in self.tensors:
-                self.weights[t.name].copy_(self.originals[t.name])
-
 
 def stored_positions(t: Target, out_in_positions: torch.Tensor) -> torch.Tensor:
     """Flat positions in the (out, in) matrix -> flat positions in the parameter as stored."""
@@ -165,12 +150,9 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
     unmap_large_blocks()  # the kept weights are chosen tensor by tensor, three passes per set (core.memory)
     loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     with timings.phase("plan"):
-        meta = shards.read_meta(sensitivity)
-        stats = shards.read_stats(sensitivity)
-        tensors = targets(stats, params.compress.include)
-        sums = Sums(sensitivity)
-        sets = sets_of(list(meta["metrics"]))
-        check_metrics(sets, sums, tensors)
+        planned = plan(prepared, sensitivity, source, params)
+        meta, tensors, sums, sets, ids, which = (planned.meta, planned.tensors, planned.sums, planned.sets,
+                                                 planned.ids, planned.which)
         channel_sets: list[str] = []
         no_activation = None
         if qp.channels > 0:
@@ -179,13 +161,8 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
                 no_activation = ("AWQ's own choice, channels by input norm, needs wanda's sums of x^2, which this run "
                                  "did not compute; add wanda to sensitivity.metrics")
                 log.warning("quantize.channels: %s", no_activation)
-        ids, which = measured_texts(prepared, source, params)
-        candidates = shards.read_candidates(sensitivity, stats, meta["metrics"][0])
-        firsts = candidates.filter(pc.equal(candidates["rank"], 1))  # each tensor's top weight: checked on the model
-        expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in tensors])))
     with timings.phase("load model"):
-        model, _ = load_checked(params.model, {t.name: int(np.prod(t.shape)) for t in tensors},
-                                expected.select(["parameter", "flat_index", "weight"]), ids)
+        model = load_model(sensitivity, planned, params, meta["metrics"][0])
         quantizer = Quantizer(model, tensors)
         chooser = Chooser(quantizer.originals, tensors, sums, params.seed)  # scores of the unquantised weights
     ks = {share: math.floor(share * quantizer.n_weights) for share in qp.keep}
@@ -197,28 +174,21 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
     if remainders:
         log.info("quantize: %d of %d tensors have an input size group_size %d does not divide; their last group "
                  "is smaller", len(remainders), len(tensors), qp.group_size)
-    batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
     per_bits = 1 + len(sets) * len(ks) + len(channel_sets)
     rows: list[dict[str, Any]] = []
-    eval_seconds = 0.0
     with timings.phase("quantize and measure"), counted("quantize: loss evaluations", 1 + per_bits * len(qp.bits)) as step:
-        def measure(**row: Any) -> None:
-            nonlocal eval_seconds
-            start = time.perf_counter()
-            loss, got = loss_and_top1(model, ids, *batching)
-            eval_seconds += time.perf_counter() - start
-            step()
-            rows.append({**row, **loss_record(loss, baseline), "top1_agreement": float((got == top1).double().mean())})
-            log.info("quantize %s: loss %.4f (dense %.4f)", " ".join(f"{k}={v}" for k, v in row.items()), loss, baseline)
-
-        start = time.perf_counter()
-        baseline, top1 = loss_and_top1(model, ids, *batching)
-        eval_seconds += time.perf_counter() - start
-        step()
+        measurer = Measurer(model, ids, params, step)
+        baseline = measurer.baseline
         if not math.isfinite(baseline):
             raise NumericalError(f"the unquantised loss is {baseline}; try model.dtype float32")
         log.info("quantize: dense loss %.4f on %d %s texts; %d tensors, %d weights", baseline, len(ids), which,
                  len(tensors), quantizer.n_weights)
+
+        def measure(**row: Any) -> None:
+            rows.append({**row, **measurer.measure()})
+            log.info("quantize %s: loss %.4f (dense %.4f)", " ".join(f"{k}={v}" for k, v in row.items()),
+                     rows[-1]["loss"] if rows[-1]["finite"] else float("nan"), baseline)
+
         for bits in qp.bits:
             quantizer.quantize(bits, qp.group_size, qp.symmetric)
             measure(bits=bits, protect="none", metric="rtn", share=0.0, n_kept=0)
@@ -237,6 +207,7 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
                 measure(bits=bits, protect="channels", metric=metric, share=qp.channels, n_kept=n)
                 quantizer.unkeep(at, replaced)
         quantizer.restore()
+    eval_seconds = measurer.seconds
     work = quantizer.quantize_seconds + chooser.seconds
     log.info("quantize: quantising took %.1f s, choosing the kept weights %.1f s, loss evaluations %.1f s "
              "(%.0f%% not evaluation)", quantizer.quantize_seconds, chooser.seconds, eval_seconds,

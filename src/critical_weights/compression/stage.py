@@ -111,14 +111,27 @@ def configurations(params: Params) -> list[tuple[str, str, float]]:
     return out
 
 
-class Pruner:
+class Originals:
+    """The weights of the compressed tensors, and a copy of their originals to write back."""
+
+    def __init__(self, model: torch.nn.Module, tensors: list[Target]):
+        self.weights = dict(model.named_parameters())
+        self.tensors = tensors
+        self.originals = {t.name: self.weights[t.name].detach().clone() for t in tensors}
+        self.n_weights = sum(self.weights[t.name].numel() for t in tensors)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t in self.tensors:
+                self.weights[t.name].copy_(self.originals[t.name])
+
+
+class Pruner(Originals):
     """Zero the weights a set's masks choose, in place, and write the originals back."""
 
     def __init__(self, model: torch.nn.Module, tensors: list[Target], sums: Sums, seed: int):
-        self.weights = dict(model.named_parameters())
-        self.tensors, self.sums, self.seed = tensors, sums, seed
-        self.originals = {t.name: self.weights[t.name].detach().clone() for t in tensors}
-        self.n_weights = sum(self.weights[t.name].numel() for t in tensors)
+        super().__init__(model, tensors)
+        self.sums, self.seed = sums, seed
         self.already_zero = sum(int((self.originals[t.name] == 0).sum()) for t in tensors)
         self.mask_seconds = 0.0
 
@@ -142,10 +155,61 @@ class Pruner:
             zeros = sum(int((self.weights[t.name] == 0).sum()) for t in self.tensors)
         return {"n_pruned": chosen, "n_zero": zeros}
 
-    def restore(self) -> None:
-        with torch.no_grad():
-            for t in self.tensors:
-                self.weights[t.name].copy_(self.originals[t.name])
+
+@dataclass(frozen=True)
+class Plan:
+    """What a compression stage reads before it loads the model."""
+
+    meta: dict[str, Any]  # the shards' meta.json
+    stats: Any  # the shards' statistics table
+    tensors: list[Target]  # the compressed tensors
+    sums: Sums
+    sets: list[str]  # every computed metric, then magnitude and random
+    ids: list[list[int]]  # the texts every perplexity is measured on
+    which: str  # heldout or in_sample
+
+
+def plan(prepared: Path, sensitivity: Path, source: Path, params: Params) -> Plan:
+    """The tensors (`compress.include`), the sets with the sums each needs, and the texts."""
+    stats = shards.read_stats(sensitivity)
+    meta, tensors, sums = shards.read_meta(sensitivity), targets(stats, params.compress.include), Sums(sensitivity)
+    sets = sets_of(list(meta["metrics"]))
+    check_metrics(sets, sums, tensors)
+    ids, which = measured_texts(prepared, source, params)
+    return Plan(meta, stats, tensors, sums, sets, ids, which)
+
+
+def load_model(sensitivity: Path, planned: Plan, params: Params, metric: str) -> torch.nn.Module:
+    """A fresh model, checked against the shards: each compressed tensor's top weight by `metric`."""
+    candidates = shards.read_candidates(sensitivity, planned.stats, metric)
+    firsts = candidates.filter(pc.equal(candidates["rank"], 1))
+    expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in planned.tensors])))
+    model, _ = load_checked(params.model, {t.name: int(np.prod(t.shape)) for t in planned.tensors},
+                            expected.select(["parameter", "flat_index", "weight"]), planned.ids)
+    return model
+
+
+class Measurer:
+    """Validate's loss and top-1 predictions on the plan's texts, timed; the first call measures
+    the model as loaded, the baseline of every later one."""
+
+    def __init__(self, model: torch.nn.Module, ids: list[list[int]], params: Params, step: Any):
+        self.model, self.ids, self.step = model, ids, step
+        self.batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
+        self.seconds = 0.0
+        self.baseline, self.top1 = self._loss()
+
+    def _loss(self) -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        loss, top1 = loss_and_top1(self.model, self.ids, *self.batching)
+        self.seconds += time.perf_counter() - start
+        self.step()
+        return loss, top1
+
+    def measure(self) -> dict[str, Any]:
+        """The model as it is now: loss, perplexity and increase over the baseline, top-1 agreement."""
+        loss, got = self._loss()
+        return {**loss_record(loss, self.baseline), "top1_agreement": float((got == self.top1).double().mean())}
 
 
 def measured_texts(prepared: Path, source: Path, params: Params) -> tuple[list[list[int]], str]:
@@ -178,12 +242,9 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
     cp = params.compress
     loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     with timings.phase("plan"):
-        meta = shards.read_meta(sensitivity)
-        stats = shards.read_stats(sensitivity)
-        tensors = targets(stats, cp.include)
-        sums = Sums(sensitivity)
-        sets = sets_of(list(meta["metrics"]))
-        check_metrics(sets, sums, tensors)
+        planned = plan(prepared, sensitivity, source, params)
+        meta, stats, tensors, sums, sets, ids, which = (planned.meta, planned.stats, planned.tensors, planned.sums,
+                                                       planned.sets, planned.ids, planned.which)
         no_imatrix = None
         if cp.imatrix and "act_sq" not in sums.kinds:
             no_imatrix = ("not written: the importance matrix is wanda's sums of x^2, which this run did not compute; "
@@ -194,41 +255,30 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
                                "which this run did not compute; add fisher (or taylor2) to sensitivity.metrics, or set "
                                "compress.imatrix_fisher false"])
         configs = configurations(params)
-        ids, which = measured_texts(prepared, source, params)
-        candidates = shards.read_candidates(sensitivity, stats, params.rank.metric)
-        firsts = candidates.filter(pc.equal(candidates["rank"], 1))  # each tensor's top weight: checked on the model
-        expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in tensors])))
     with timings.phase("load model"):
-        model, _ = load_checked(params.model, {t.name: int(np.prod(t.shape)) for t in tensors},
-                                expected.select(["parameter", "flat_index", "weight"]), ids)
+        model = load_model(sensitivity, planned, params, params.rank.metric)
         pruner = Pruner(model, tensors, sums, params.seed)
-    batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
     export = (params.rank.metric, "unstructured", "per_row", cp.mask_sparsity) if cp.mask_sparsity > 0 else None
     todo = [(m, *c) for m in sets for c in configs]
     if export is not None and export not in todo:
         todo.append(export)  # measured too, so the report holds the loss the exported masks give
     rows: list[dict[str, Any]] = []
-    eval_seconds = 0.0
     with timings.phase("prune and measure"), counted("compress: loss evaluations", 1 + len(todo)) as step:
-        start = time.perf_counter()
-        baseline, top1 = loss_and_top1(model, ids, *batching)
-        eval_seconds += time.perf_counter() - start
-        step()
+        measurer = Measurer(model, ids, params, step)
+        baseline = measurer.baseline
         if not np.isfinite(baseline):
             raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
         log.info("compress: baseline loss %.4f on %d %s texts; %d tensors, %d weights (%d already zero)",
                  baseline, len(ids), which, len(tensors), pruner.n_weights, pruner.already_zero)
         for metric, structure, group, sparsity in todo:
             counts = pruner.prune(metric, structure, group, sparsity)
-            start = time.perf_counter()
-            loss, got = loss_and_top1(model, ids, *batching)
-            eval_seconds += time.perf_counter() - start
+            measured = measurer.measure()
             pruner.restore()
-            step()
             rows.append({"metric": metric, "structure": structure, "group": group, "sparsity": sparsity, **counts,
-                         "sparsity_reached": counts["n_zero"] / pruner.n_weights, **loss_record(loss, baseline),
-                         "top1_agreement": float((got == top1).double().mean())})
-            log.info("%s %s %s %.2f: loss %.4f (baseline %.4f)", metric, structure, group, sparsity, loss, baseline)
+                         "sparsity_reached": counts["n_zero"] / pruner.n_weights, **measured})
+            log.info("%s %s %s %.2f: loss %.4f (baseline %.4f)", metric, structure, group, sparsity,
+                     measured["loss"] if measured["finite"] else float("nan"), baseline)
+    eval_seconds = measurer.seconds
     log.info("compress: building masks took %.1f s, loss evaluations %.1f s (masks %.0f%% of both)",
              pruner.mask_seconds, eval_seconds, 100 * pruner.mask_seconds / max(1e-9, pruner.mask_seconds + eval_seconds))
     importance = fisher_importance = exported_scores = None
