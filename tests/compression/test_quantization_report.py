@@ -10,6 +10,7 @@ import json
 import pytest
 
 from critical_weights.compression import quantization_report as rep
+from critical_weights.compression.measure import TextSet
 from critical_weights.reports.figures import layout_problems
 
 
@@ -33,7 +34,7 @@ def test_headline_table_and_figure(quantized):
             top = next(r for r in report["table"] if (r["bits"], r["metric"], r["share"]) == (bits, "wanda", 0.1))
             assert head[f"int{bits}_wanda_recovered"] == top["recovered"]
     rows = list(csv.DictReader(io.StringIO(out.table.read_text())))
-    assert list(rows[0]) == rep.TABLE_COLUMNS
+    assert list(rows[0]) == rep.TABLE_COLUMNS + ["in_sample_perplexity", "in_sample_recovered", "in_sample_saturated"]
     assert len(rows) == len(report["table"]) - 2 and all(r["protect"] != "none" for r in rows)
     assert out.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert layout_problems(rep.figure(report)) == []
@@ -45,7 +46,8 @@ def test_a_width_where_rtn_barely_hurts_gets_no_recovered_share(quantized):
     base = report["baseline"]["loss"]
     for r in rows:  # RTN now within MIN_DAMAGE of the dense loss
         r["loss_increase"] = rep.MIN_DAMAGE / 2 if r["protect"] == "none" else r["loss_increase"]
-    again = rep.build_report(params, {"model": {"vocab_size": 100}}, [], 0, [], "heldout", ids, base, report["sets"],
+    texts = [TextSet("heldout", ids, {"texts": "heldout"})]
+    again = rep.build_report(params, {"model": {"vocab_size": 100}}, [], 0, [], texts, [base], report["sets"],
                              report["channel_sets"], None, rows)
     assert "raises the loss by only" in again["unrecovered"]["4"]
     assert all(r["recovered"] is None for r in again["table"])

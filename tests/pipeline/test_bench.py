@@ -169,3 +169,53 @@ def test_memory_script_measures_every_setting_to_the_same_loss() -> None:
     assert len({line.rsplit("loss ", 1)[1] for line in lines}) == 1
     peak = {line.split(":")[0]: int(re.search(r"peak (\d+) MiB", line)[1]) for line in lines}
     assert peak["8 sequences, checkpointing"] < peak["8 sequences, no checkpointing (the old default)"] - 100
+
+
+@pytest.fixture(scope="module")
+def pruning_masks(bench):
+    return _module("pruning_masks")
+
+
+def test_pruning_masks_records_every_mask_and_the_peak(pruning_masks, tmp_path: Path) -> None:
+    """benchmarks/pruning_masks.py at the tiny size, one of its two blocks, in a process of its
+    own: every mask and RTN of every block tensor is recorded, each mask prunes its share, and
+    the time of the measured block is scaled to both."""
+    out = tmp_path / "masks.json"
+    result = CliRunner().invoke(pruning_masks.main, ["--size", "tiny", "--blocks", "1", "--metric", "wanda",
+                                                     "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    (run,) = json.loads(out.read_text())["runs"]
+    labels = ["per_row 0.1", "per_row 0.3", "per_row 0.5", "per_row 0.7", "2:4", "4:8", "per_tensor 0.5"]
+    assert run["metric"] == "wanda" and run["masks"] == labels and list(run["steps"]) == [*labels, "RTN"]
+    assert (run["n_tensors"], run["n_measured"], run["n_blocks"]) == (14, 7, 2)
+    assert run["host_peak_is_own"] and 0 < run["runtime_bytes"] < run["peak_bytes"]
+    assert run["peak_beside_model_bytes"] == run["peak_bytes"] - max(t["weight_bytes"] for t in run["tensors"])
+    assert run["target_met"] is (run["peak_beside_model_bytes"] < 2 * 10**9)
+    for t in run["tensors"]:
+        rows, cols = t["shape"]
+        assert t["weight_bytes"] == 4 * rows * cols and t["host_peak_bytes"] > 0
+        shares = {k: m["pruned_share"] for k, m in t["masks"].items()}
+        assert shares == {**{f"per_row {s:g}": math.floor(cols * s) / cols for s in (0.1, 0.3, 0.5, 0.7)},
+                          "2:4": 0.5, "4:8": 0.5, "per_tensor 0.5": math.floor(rows * cols * 0.5) / (rows * cols)}
+    components = [*(f"self_attn.{x}_proj" for x in "qkvo"), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {c: v["n_all_blocks"] for c, v in run["components"].items()} == dict.fromkeys(components, 2)
+    assert run["all_blocks_s"] == pytest.approx(2 * run["measured_s"])
+    assert "### wanda" in result.output and "under 2 GB" in result.output
+
+
+@pytest.mark.parametrize("metric", ["grad_x_weight", "wanda", "random"])
+def test_pruning_masks_are_the_compress_stages_own(pruning_masks, workload, tmp_path: Path, metric: str) -> None:
+    """The benchmark builds each mask as the compress stage's Pruner.masks does, from sums
+    written as the sensitivity stage writes them: the same bits, tensor by tensor."""
+    from critical_weights.artifacts.sums import Sums
+    from critical_weights.compression.stage import Pruner, Target
+
+    model = workload.build_model("tiny", torch.device("cpu"), torch.float32, seed=3)
+    targets = [Target(p.parameter, p.kind, p.shape) for p in pruning_masks.block_tensors("tiny")]
+    pruning_masks.write_sums(tmp_path, list(enumerate(targets)), seed=3)
+    sums = Sums(tmp_path)
+    pruner = Pruner(model, targets, sums, seed=3)
+    for config in pruning_masks.mask_configurations():
+        for i, (t, expected) in enumerate(pruner.masks(metric, *config)):
+            got, _, _ = pruning_masks.one_mask(metric, i, t, pruner.weights[t.name], sums, 3, config)
+            assert torch.equal(got, expected), (t.name, config)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from safetensors import safe_open
 
 from critical_weights.artifacts import shards
 from critical_weights.config.params import RankParams
@@ -127,3 +128,25 @@ def test_tokens_are_escaped_onto_one_line():
     assert export.escaped("a\nb\\c\td\r") == "a\\nb\\\\c\\td\\r"
     assert export.escaped("x\u2028y\x00z") == "x\\u2028y\\u0000z"
     assert export.escaped("café Ġthe") == "café Ġthe" and export.escaped(None) is None
+
+
+def test_the_critical_mask_marks_exactly_the_ranked_weights(exported):
+    """critical_mask.safetensors, read with the safetensors package and unpacked as the README
+    says: 1 at every ranked weight of every tensor holding one, 0 elsewhere."""
+    sens, ranked_dir, reports = exported
+    ranked = rank_metric(sens, RankParams(k=10))
+    shapes = {r["parameter"]: tuple(r["shape"]) for r in shards.read_stats(sens).to_pylist()}
+    with safe_open(str(reports / export.CRITICAL_MASK), framework="numpy") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == sorted(set(ranked["parameter"].to_pylist()))
+        for name in f.keys():
+            bits = f.get_tensor(name)
+            shape = shapes[name]
+            assert bits.dtype == np.uint8 and bits.shape == (*shape[:-1], -(-shape[-1] // 8))
+            mask = np.unpackbits(bits, axis=-1, count=shape[-1], bitorder="little").astype(bool)
+            want = np.zeros(int(np.prod(shape)), dtype=bool)
+            want[[r["flat_index"] for r in ranked.to_pylist() if r["parameter"] == name]] = True
+            assert np.array_equal(mask.reshape(-1), want), name
+    assert (meta["metric"], meta["mode"], meta["k"], meta["n_critical"]) == \
+        ("grad_x_weight", "per_tensor", "10", str(ranked.num_rows))
+    assert json.loads(meta["shapes"]) == {n: list(shapes[n]) for n in set(ranked["parameter"].to_pylist())}

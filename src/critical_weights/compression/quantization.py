@@ -38,7 +38,8 @@ from critical_weights.compression import quantization_report as rep
 from critical_weights.compression.protect import top_channels, top_positions
 from critical_weights.compression.rtn import quantized
 from critical_weights.compression.scores import TURNED, input_norms, scores, to_out_in, to_stored
-from critical_weights.compression.stage import Measurer, Originals, Target, load_model, plan
+from critical_weights.compression.measure import Measurer
+from critical_weights.compression.stage import Originals, Target, load_model, plan
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError
 from critical_weights.core.memory import unmap_large_blocks
@@ -151,8 +152,7 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
     loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     with timings.phase("plan"):
         planned = plan(prepared, sensitivity, source, params)
-        meta, tensors, sums, sets, ids, which = (planned.meta, planned.tensors, planned.sums, planned.sets,
-                                                 planned.ids, planned.which)
+        meta, tensors, sums, sets = planned.meta, planned.tensors, planned.sums, planned.sets
         channel_sets: list[str] = []
         no_activation = None
         if qp.channels > 0:
@@ -176,13 +176,14 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
                  "is smaller", len(remainders), len(tensors), qp.group_size)
     per_bits = 1 + len(sets) * len(ks) + len(channel_sets)
     rows: list[dict[str, Any]] = []
-    with timings.phase("quantize and measure"), counted("quantize: loss evaluations", 1 + per_bits * len(qp.bits)) as step:
-        measurer = Measurer(model, ids, params, step)
+    n_states = 1 + per_bits * len(qp.bits)
+    with timings.phase("quantize and measure"), counted("quantize: loss evaluations", n_states * len(planned.texts)) as step:
+        measurer = Measurer(model, planned.texts, params, step)
         baseline = measurer.baseline
         if not math.isfinite(baseline):
             raise NumericalError(f"the unquantised loss is {baseline}; try model.dtype float32")
-        log.info("quantize: dense loss %.4f on %d %s texts; %d tensors, %d weights", baseline, len(ids), which,
-                 len(tensors), quantizer.n_weights)
+        log.info("quantize: dense loss %.4f on %s; %d tensors, %d weights", baseline,
+                 " and ".join(f"{len(t.ids)} {t.name} sequences" for t in planned.texts), len(tensors), quantizer.n_weights)
 
         def measure(**row: Any) -> None:
             rows.append({**row, **measurer.measure()})
@@ -212,7 +213,7 @@ def run_quantize(prepared: Path, sensitivity: Path, source: Path, params: Params
     log.info("quantize: quantising took %.1f s, choosing the kept weights %.1f s, loss evaluations %.1f s "
              "(%.0f%% not evaluation)", quantizer.quantize_seconds, chooser.seconds, eval_seconds,
              100 * work / max(1e-9, work + eval_seconds))
-    report = rep.build_report(params, meta, tensors, quantizer.n_weights, remainders, which, ids, baseline, sets,
+    report = rep.build_report(params, meta, tensors, quantizer.n_weights, remainders, planned.texts, measurer.baselines, sets,
                               channel_sets, no_activation, rows)
     with timings.phase("write"):
         write_json(out.report, report)

@@ -20,7 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from critical_weights.compression.report import ln_vocab_of, protocol  # noqa: E402
+from critical_weights.compression.measure import LABELS, TextSet  # noqa: E402
+from critical_weights.compression.report import (baseline_of, headline_baselines, ln_vocab_of,  # noqa: E402
+                                                 mark_saturated, protocol)
 from critical_weights.config.params import Params  # noqa: E402
 from critical_weights.core.outputs import csv_text  # noqa: E402
 
@@ -38,12 +40,12 @@ def recovered(ppl_rtn: float | None, ppl: float | None, ppl_dense: float) -> flo
 
 
 def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights: int, remainders: list[str],
-                 which: str, ids: list[list[int]], baseline: float, sets: list[str], channel_sets: list[str],
+                 texts: list[TextSet], baselines: list[float], sets: list[str], channel_sets: list[str],
                  no_activation: str | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the stage measured, with the recovered shares and the protocol."""
+    """Everything the stage measured, with the recovered shares (on every text set) and the protocol."""
     qp = params.quantize
     ln_vocab = ln_vocab_of(meta)
-    dense = math.exp(baseline)
+    dense = math.exp(baselines[0])
     rtn = {r["bits"]: r for r in rows if r["protect"] == "none"}
     harmless = {}
     for bits, r in rtn.items():
@@ -53,14 +55,20 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
         elif not r["finite"] or (ln_vocab is not None and r["loss"] > ln_vocab):
             harmless[str(bits)] = (f"RTN at {bits} bits is past ln V (a uniform guess over the vocabulary), where a "
                                    "loss no longer orders damage: no recovered share is computed")
+    mark_saturated(rows, texts, ln_vocab)
     for r in rows:
-        r["saturated"] = not r["finite"] or (ln_vocab is not None and r["loss"] > ln_vocab)
         r["series"] = f"int{r['bits']} {r['protect']}"
         r["recovered"] = (None if r["protect"] == "none" or str(r["bits"]) in harmless
                           else recovered(rtn[r["bits"]]["perplexity"], r["perplexity"], dense))
+        for t, base in zip(texts[1:], baselines[1:]):
+            plain, name = rtn[r["bits"]], t.name
+            hurts = (plain[f"{name}_loss_increase"] is not None and plain[f"{name}_loss_increase"] >= MIN_DAMAGE
+                     and not plain[f"{name}_saturated"])
+            r[f"{name}_recovered"] = (recovered(plain[f"{name}_perplexity"], r[f"{name}_perplexity"], math.exp(base))
+                                      if r["protect"] != "none" and hurts else None)
     return {
-        "protocol": protocol(params, which, ids),
-        "baseline": {"loss": baseline, "perplexity": dense, "ln_vocab": ln_vocab},
+        "protocol": protocol(texts),
+        "baseline": baseline_of(texts, baselines, ln_vocab),
         "quantized": {
             "tensors": [t.name for t in tensors], "n_tensors": len(tensors), "n_weights": n_weights,
             "which": ("compress.include: " + ", ".join(params.compress.include)) if params.compress.include
@@ -96,8 +104,7 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """DVC metrics: the dense perplexity, then per width RTN's perplexity and each set's
     recovered share at the largest kept share and with its channels kept."""
-    out: dict[str, Any] = {"loss_heldout" if report["protocol"]["texts"] == "heldout" else "loss_in_sample":
-                           report["baseline"]["loss"], "perplexity_baseline": report["baseline"]["perplexity"]}
+    out = headline_baselines(report)
     top = max(report["settings"]["keep"])
     for r in report["table"]:
         b = f"int{r['bits']}"
@@ -110,7 +117,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def table_csv(report: dict[str, Any]) -> str:
     """Long format, one row per protected set (RTN alone is in the headline), in the order measured."""
-    return csv_text(TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in report["table"] if r["protect"] != "none"])
+    columns = TABLE_COLUMNS + [f"{b['texts']}_{c}" for b in report["protocol"]["beside"]
+                               for c in ("perplexity", "recovered", "saturated")]
+    return csv_text(columns, [[r[c] for c in columns] for r in report["table"] if r["protect"] != "none"])
 
 
 def figure(report: dict[str, Any]) -> Figure:
@@ -155,8 +164,8 @@ def figure(report: dict[str, Any]) -> Figure:
             low, high = ax.get_ylim()
             ax.yaxis.set_minor_formatter(PLAIN if high / low < 10 else NullFormatter())  # label minors within a decade
             ax.grid(True, which="major", alpha=0.3)
-        texts = {"heldout": "held-out", "in_sample": "in-sample"}[report["protocol"]["texts"]]
-        left.set_ylabel(f"perplexity, {texts} texts (log scale)")
+        texts = LABELS[report["protocol"]["texts"]]
+        left.set_ylabel(f"perplexity, {texts} (log scale)")
     fig.suptitle("Round-to-nearest, with each metric's critical weights kept", fontsize=11)
     handles, labels = axes[0][0].get_legend_handles_labels()
     per_line = 6 if channels else 3

@@ -12,13 +12,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from critical_weights.compression.experts import Layer  # noqa: E402
+from critical_weights.compression.experts import summary as experts_summary  # noqa: E402
+from critical_weights.compression.measure import LABELS, TextSet  # noqa: E402
 from critical_weights.config.params import Params  # noqa: E402
 from critical_weights.core.outputs import csv_text  # noqa: E402
-from critical_weights.sensitivity.loss import predicted_tokens  # noqa: E402
 
 TABLE_COLUMNS = ["metric", "series", "structure", "group", "sparsity", "sparsity_reached", "loss", "perplexity",
                  "loss_increase", "top1_agreement", "saturated"]
+BESIDE_COLUMNS = ["loss", "perplexity", "top1_agreement", "saturated"]  # of each text set beside, under its name
 
 
 def json_text(value: Any) -> str:
@@ -26,11 +30,34 @@ def json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def protocol(params: Params, which: str, ids: list[list[int]]) -> dict[str, Any]:
-    """How every perplexity of the compression stages is measured."""
-    return {"texts": which, "source": params.texts.source, "n_texts": len(ids), "n_tokens": predicted_tokens(ids),
-            "context": params.texts.max_length, "windows": False, "stride": None,
-            "loss": "mean next-token cross-entropy over every predicted token (validate's own loss code)"}
+def protocol(texts: list[TextSet]) -> dict[str, Any]:
+    """How every perplexity of the compression stages is measured: the primary text set's
+    protocol, with the sets measured beside it."""
+    return {**texts[0].protocol, "beside": [t.protocol for t in texts[1:]]}
+
+
+def baseline_of(texts: list[TextSet], baselines: list[float], ln_vocab: float | None) -> dict[str, Any]:
+    """The unchanged model's loss and perplexity on every text set, and ln V."""
+    out: dict[str, Any] = {"loss": baselines[0], "perplexity": math.exp(baselines[0]), "ln_vocab": ln_vocab}
+    for t, loss in zip(texts[1:], baselines[1:]):
+        out.update({f"{t.name}_loss": loss, f"{t.name}_perplexity": math.exp(loss)})
+    return out
+
+
+def mark_saturated(rows: list[dict[str, Any]], texts: list[TextSet], ln_vocab: float | None) -> None:
+    """`saturated` (and `in_sample_saturated`, ...): a loss that is not finite or past ln V."""
+    for r in rows:
+        for prefix in ["", *(f"{t.name}_" for t in texts[1:])]:
+            r[f"{prefix}saturated"] = not r[f"{prefix}finite"] or (ln_vocab is not None and r[f"{prefix}loss"] > ln_vocab)
+
+
+def headline_baselines(report: dict[str, Any]) -> dict[str, Any]:
+    """The DVC-metrics baselines, each named by the texts it was measured on."""
+    p, base = report["protocol"], report["baseline"]
+    out: dict[str, Any] = {f"loss_{p['texts']}": base["loss"], "perplexity_baseline": base["perplexity"]}
+    for beside in p["beside"]:
+        out[f"loss_{beside['texts']}"] = base[f"{beside['texts']}_loss"]
+    return out
 
 
 def ln_vocab_of(meta: dict[str, Any]) -> float | None:
@@ -39,13 +66,13 @@ def ln_vocab_of(meta: dict[str, Any]) -> float | None:
     return math.log(vocab) if vocab else None
 
 
-def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights: int, already_zero: int, which: str,
-                 ids: list[list[int]], baseline: float, sets: list[str], rows: list[dict[str, Any]],
+def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights: int, already_zero: int,
+                 texts: list[TextSet], baselines: list[float], sets: list[str], rows: list[dict[str, Any]],
                  export: tuple | None) -> dict[str, Any]:
     """Everything the stage measured, with the protocol every perplexity was measured under."""
     ln_vocab = ln_vocab_of(meta)
+    mark_saturated(rows, texts, ln_vocab)
     for r in rows:
-        r["saturated"] = not r["finite"] or (ln_vocab is not None and r["loss"] > ln_vocab)
         r["series"] = f"{r['structure']} {r['group']}" if r["structure"] == "unstructured" else r["structure"]
     exported = None
     if export is not None:
@@ -55,8 +82,8 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
                     "sparsity": sparsity, "loss": hit["loss"], "perplexity": hit["perplexity"],
                     "top1_agreement": hit["top1_agreement"]}
     return {
-        "protocol": protocol(params, which, ids),
-        "baseline": {"loss": baseline, "perplexity": math.exp(baseline), "ln_vocab": ln_vocab},
+        "protocol": protocol(texts),
+        "baseline": baseline_of(texts, baselines, ln_vocab),
         "pruned": {
             "tensors": [t.name for t in tensors], "n_tensors": len(tensors), "n_weights": n_weights,
             "already_zero": already_zero,
@@ -81,10 +108,32 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
     }
 
 
+def experts_section(params: Params, layers: list[Layer], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dropping whole experts (critical_weights.compression.experts): what was dropped, the
+    losses, and per count least and most against the random draws' mean and spread."""
+    if not layers:
+        return {"measured": False, "reason": "the model has no Mixture-of-Experts layer"}
+    if not rows:
+        return {"measured": False, "reason": "compress.drop_experts is []"}
+    return {
+        "measured": True,
+        "importance": f"per expert, the sum of {params.rank.metric}'s scores over the layer's expert tensors",
+        "dropping": "every parameter of the experts module zeroed along the expert axis (weights and biases); the "
+                    "router unchanged, so tokens still go to a dropped expert, whose output is zero",
+        "layers": [{"block": layer.block, "experts": layer.experts, "importance": [float(x) for x in layer.importance]}
+                   for layer in layers],
+        "rows": rows,
+        "summary": experts_summary(rows),
+    }
+
+
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """DVC metrics: the baseline, then per set the perplexity at 50% per row and at 2:4."""
-    out: dict[str, Any] = {"loss_heldout" if report["protocol"]["texts"] == "heldout" else "loss_in_sample":
-                           report["baseline"]["loss"], "perplexity_baseline": report["baseline"]["perplexity"]}
+    """DVC metrics: the baselines, then per set the perplexity at 50% per row and at 2:4; for a
+    Mixture-of-Experts model, the loss increase of each expert drop."""
+    out = headline_baselines(report)
+    for s in report.get("experts", {}).get("summary", []):
+        for key in ("least_loss_increase", "most_loss_increase", "random_loss_increase_mean"):
+            out[f"drop_{s['n']}_experts_{key}"] = s[key]
     for r in report["table"]:
         key = None
         if r["structure"] == "unstructured" and r["group"] == "per_row" and r["sparsity"] == 0.5:
@@ -98,7 +147,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def table_csv(report: dict[str, Any]) -> str:
     """Long format, one row per set and mask, in the order measured."""
-    return csv_text(TABLE_COLUMNS, [[r[c] for c in TABLE_COLUMNS] for r in report["table"]])
+    columns = TABLE_COLUMNS + [f"{b['texts']}_{c}" for b in report["protocol"]["beside"] for c in BESIDE_COLUMNS]
+    return csv_text(columns, [[r[c] for c in columns] for r in report["table"]])
 
 
 def figure(report: dict[str, Any]) -> Figure:
@@ -111,16 +161,22 @@ def figure(report: dict[str, Any]) -> Figure:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 0.6, 4.4), sharey=True, squeeze=False)
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(report["sets"])}
     base, ln_v = report["baseline"]["perplexity"], report["baseline"]["ln_vocab"]
+    beside = "in_sample_perplexity" if any(b["texts"] == "in_sample" for b in report["protocol"]["beside"]) else None
     for ax, (kind, group) in zip(axes[0], panels):
         for metric in report["sets"]:
-            if kind == "unstructured":
-                pts = [(r["sparsity"], r["perplexity"]) for r in table if r["metric"] == metric
-                       and r["structure"] == "unstructured" and r["group"] == group and r["perplexity"] is not None]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3.5, color=colours[metric], label=metric)
-            else:
-                pts = [(nm.index(r["structure"]), r["perplexity"]) for r in table if r["metric"] == metric
-                       and r["structure"] in nm and r["perplexity"] is not None]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4.5, linestyle="none", color=colours[metric])
+            for key, solid in [("perplexity", True), *([(beside, False)] if beside else [])]:
+                style = {"color": colours[metric], "alpha": 1.0 if solid else 0.55}
+                if kind == "unstructured":
+                    pts = [(r["sparsity"], r[key]) for r in table if r["metric"] == metric
+                           and r["structure"] == "unstructured" and r["group"] == group and r[key] is not None]
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if solid else None, ms=3.5,
+                            linestyle="-" if solid else "--", linewidth=1.4 if solid else 1.0,
+                            label=metric if solid else None, **style)
+                else:
+                    pts = [(nm.index(r["structure"]) + (0 if solid else 0.12), r[key]) for r in table
+                           if r["metric"] == metric and r["structure"] in nm and r[key] is not None]
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4.5, linestyle="none",
+                            markerfacecolor=None if solid else "none", **style)
         ax.axhline(base, color="black", linestyle="--", linewidth=1.0, label=f"dense model ({base:.1f})")
         if ln_v is not None:
             ax.axhline(math.exp(ln_v), color="grey", linestyle=":", linewidth=1.0, label="uniform guess (perplexity V)")
@@ -134,10 +190,12 @@ def figure(report: dict[str, Any]) -> Figure:
             ax.set_xlim(-0.5, len(nm) - 0.5)
             ax.set_xlabel("structure (N of every M inputs pruned)")
             ax.set_title("N:M, per row", fontsize=10)
-    texts = {"heldout": "held-out", "in_sample": "in-sample"}[report["protocol"]["texts"]]
-    axes[0][0].set_ylabel(f"perplexity, {texts} texts (log scale)")
+    axes[0][0].set_ylabel(f"perplexity, {LABELS[report['protocol']['texts']]} (log scale)")
     fig.suptitle("Pruning every weight tensor of the blocks, by each metric", fontsize=11)
     handles, labels = axes[0][0].get_legend_handles_labels()
+    if beside:
+        handles.append(Line2D([], [], color="grey", linestyle="--", marker="o", markerfacecolor="none", ms=4))
+        labels.append("in-sample texts (dashed, hollow)")
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     return fig

@@ -36,23 +36,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from critical_weights.artifacts import prepared_texts, shards
+from critical_weights.artifacts import shards
 from critical_weights.artifacts.sums import Sums, SumsWriter
-from critical_weights.compression import imatrix
+from critical_weights.compression import experts, imatrix
 from critical_weights.compression import report as rep
 from critical_weights.compression.masks import n_m, pack, pruned_mask
+from critical_weights.compression.measure import Measurer, TextSet, check_context, text_sets
 from critical_weights.compression.scores import RANDOM, scores, to_stored
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError, ParamsError, ShardError
 from critical_weights.core.outputs import atomic_path, write_json, write_text
 from critical_weights.core.progress import Timings, counted
-from critical_weights.core.streams import STREAM_HOLDOUT
 from critical_weights.metrics import REGISTRY
 from critical_weights.model import loading
 from critical_weights.reports.figures import save_png
-from critical_weights.texts import sources
 from critical_weights.validation.checked import load_checked
-from critical_weights.validation.evaluation import loss_and_top1, loss_record
 
 log = logging.getLogger(__name__)
 MASKS, IMATRIX, IMATRIX_FISHER, SCORES = "masks.safetensors", "imatrix.gguf", "imatrix_fisher.gguf", "scores.safetensors"
@@ -165,8 +163,7 @@ class Plan:
     tensors: list[Target]  # the compressed tensors
     sums: Sums
     sets: list[str]  # every computed metric, then magnitude and random
-    ids: list[list[int]]  # the texts every perplexity is measured on
-    which: str  # heldout or in_sample
+    texts: list[TextSet]  # the primary texts every perplexity is measured on, then those beside them
 
 
 def plan(prepared: Path, sensitivity: Path, source: Path, params: Params) -> Plan:
@@ -175,8 +172,7 @@ def plan(prepared: Path, sensitivity: Path, source: Path, params: Params) -> Pla
     meta, tensors, sums = shards.read_meta(sensitivity), targets(stats, params.compress.include), Sums(sensitivity)
     sets = sets_of(list(meta["metrics"]))
     check_metrics(sets, sums, tensors)
-    ids, which = measured_texts(prepared, source, params)
-    return Plan(meta, stats, tensors, sums, sets, ids, which)
+    return Plan(meta, stats, tensors, sums, sets, text_sets(prepared, source, params))
 
 
 def load_model(sensitivity: Path, planned: Plan, params: Params, metric: str) -> torch.nn.Module:
@@ -185,43 +181,9 @@ def load_model(sensitivity: Path, planned: Plan, params: Params, metric: str) ->
     firsts = candidates.filter(pc.equal(candidates["rank"], 1))
     expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in planned.tensors])))
     model, _ = load_checked(params.model, {t.name: int(np.prod(t.shape)) for t in planned.tensors},
-                            expected.select(["parameter", "flat_index", "weight"]), planned.ids)
+                            expected.select(["parameter", "flat_index", "weight"]), planned.texts[0].ids)
+    check_context(model, planned.texts)
     return model
-
-
-class Measurer:
-    """Validate's loss and top-1 predictions on the plan's texts, timed; the first call measures
-    the model as loaded, the baseline of every later one."""
-
-    def __init__(self, model: torch.nn.Module, ids: list[list[int]], params: Params, step: Any):
-        self.model, self.ids, self.step = model, ids, step
-        self.batching = (params.sensitivity.micro_batch_size, params.sensitivity.batch_tokens)
-        self.seconds = 0.0
-        self.baseline, self.top1 = self._loss()
-
-    def _loss(self) -> tuple[float, torch.Tensor]:
-        start = time.perf_counter()
-        loss, top1 = loss_and_top1(self.model, self.ids, *self.batching)
-        self.seconds += time.perf_counter() - start
-        self.step()
-        return loss, top1
-
-    def measure(self) -> dict[str, Any]:
-        """The model as it is now: loss, perplexity and increase over the baseline, top-1 agreement."""
-        loss, got = self._loss()
-        return {**loss_record(loss, self.baseline), "top1_agreement": float((got == self.top1).double().mean())}
-
-
-def measured_texts(prepared: Path, source: Path, params: Params) -> tuple[list[list[int]], str]:
-    """The texts every compression perplexity is measured on: `compress.n_texts` held-out ones
-    (or, with none, in-sample ones), and which they are."""
-    heldout, missing = sources.unchosen_ids(source, prepared, params.compress.n_texts, params.texts.max_length,
-                                            params.seed, STREAM_HOLDOUT, "compress.n_texts")
-    if heldout:
-        return heldout, "heldout"
-    log.warning("compress: no held-out texts (%s); every loss is measured in-sample", missing)
-    input_ids, _ = prepared_texts.read_prepared(prepared)
-    return sources.in_sample(input_ids, params.compress.n_texts, params.seed, "compress.n_texts"), "in_sample"
 
 
 def check_metrics(sets: list[str], sums: Sums, tensors: list[Target]) -> None:
@@ -243,8 +205,7 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
     loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     with timings.phase("plan"):
         planned = plan(prepared, sensitivity, source, params)
-        meta, stats, tensors, sums, sets, ids, which = (planned.meta, planned.stats, planned.tensors, planned.sums,
-                                                       planned.sets, planned.ids, planned.which)
+        meta, stats, tensors, sums, sets = planned.meta, planned.stats, planned.tensors, planned.sums, planned.sets
         no_imatrix = None
         if cp.imatrix and "act_sq" not in sums.kinds:
             no_imatrix = ("not written: the importance matrix is wanda's sums of x^2, which this run did not compute; "
@@ -262,14 +223,22 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
     todo = [(m, *c) for m in sets for c in configs]
     if export is not None and export not in todo:
         todo.append(export)  # measured too, so the report holds the loss the exported masks give
+    moe = experts.layers_of(meta, stats, params.rank.metric)
+    experts.check_counts(moe, cp.drop_experts)
+    drops = experts.plan(moe, cp.drop_experts, cp.expert_draws, params.seed)
+    if not moe and cp.drop_experts:
+        log.info("compress.drop_experts: the model has no Mixture-of-Experts layer; no expert is dropped")
     rows: list[dict[str, Any]] = []
-    with timings.phase("prune and measure"), counted("compress: loss evaluations", 1 + len(todo)) as step:
-        measurer = Measurer(model, ids, params, step)
+    expert_rows: list[dict[str, Any]] = []
+    n_states = 1 + len(todo) + len(drops)
+    with timings.phase("prune and measure"), counted("compress: loss evaluations", n_states * len(planned.texts)) as step:
+        measurer = Measurer(model, planned.texts, params, step)
         baseline = measurer.baseline
         if not np.isfinite(baseline):
             raise NumericalError(f"the unperturbed loss is {baseline}; try model.dtype float32")
-        log.info("compress: baseline loss %.4f on %d %s texts; %d tensors, %d weights (%d already zero)",
-                 baseline, len(ids), which, len(tensors), pruner.n_weights, pruner.already_zero)
+        log.info("compress: baseline loss %.4f on %s; %d tensors, %d weights (%d already zero)", baseline,
+                 " and ".join(f"{len(t.ids)} {t.name} sequences" for t in planned.texts), len(tensors),
+                 pruner.n_weights, pruner.already_zero)
         for metric, structure, group, sparsity in todo:
             counts = pruner.prune(metric, structure, group, sparsity)
             measured = measurer.measure()
@@ -278,6 +247,15 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
                          "sparsity_reached": counts["n_zero"] / pruner.n_weights, **measured})
             log.info("%s %s %s %.2f: loss %.4f (baseline %.4f)", metric, structure, group, sparsity,
                      measured["loss"] if measured["finite"] else float("nan"), baseline)
+        if drops:
+            dropper = experts.Dropper(model, moe)
+            for drop in drops:
+                dropper.drop(drop["dropped"])
+                expert_rows.append({**drop, **measurer.measure()})
+                dropper.restore()
+                log.info("drop %d %s expert(s) per layer%s: loss %.4f (baseline %.4f)", drop["n"], drop["choice"],
+                         f" (draw {drop['draw']})" if drop["choice"] == "random" else "",
+                         expert_rows[-1]["loss"] if expert_rows[-1]["finite"] else float("nan"), baseline)
     eval_seconds = measurer.seconds
     log.info("compress: building masks took %.1f s, loss evaluations %.1f s (masks %.0f%% of both)",
              pruner.mask_seconds, eval_seconds, 100 * pruner.mask_seconds / max(1e-9, pruner.mask_seconds + eval_seconds))
@@ -294,8 +272,9 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
             fisher_importance = _write_imatrix(tmp / IMATRIX_FISHER, sums, stats, meta, params, "fisher")
         if cp.scores != "none":
             exported_scores = _write_scores(tmp / SCORES, pruner, params.rank.metric, cp.scores, meta)
-    report = rep.build_report(params, meta, tensors, pruner.n_weights, pruner.already_zero, which, ids, baseline,
-                              sets, rows, export)
+    report = rep.build_report(params, meta, tensors, pruner.n_weights, pruner.already_zero, planned.texts,
+                              measurer.baselines, sets, rows, export)
+    report["experts"] = rep.experts_section(params, moe, expert_rows)
     report["imatrix"] = importance
     report["imatrix_fisher"] = fisher_importance
     report["exported_scores"] = exported_scores

@@ -122,6 +122,12 @@ class CompressParams:
     imatrix: bool = param(True, Boolean())  # imatrix.gguf: llama.cpp's importance matrix from wanda's sums of x²
     imatrix_fisher: bool = param(False, Boolean())  # imatrix_fisher.gguf: the same format, Fisher's column sums (needs fisher)
     scores: str = param("none", Choice(SCORE_DTYPES))  # scores.safetensors: rank.metric's scores of the pruned tensors; none = no file
+    in_sample_texts: int = param(8, Integer(minimum=0))  # prepared texts measured beside the held-out ones, drawn as validate draws them; 0 = none
+    stream: str = param("none", String())  # a text source joined into one token stream and measured in windows (the papers' WikiText-2 protocol); none = held-out texts
+    context: int = param(2048, Integer(minimum=2))  # stream: tokens per window; stride = context (non-overlapping windows)
+    max_windows: int = param(0, Integer(minimum=0))  # stream: measure the first this many windows; 0 = every full window
+    drop_experts: tuple[int, ...] = param((1,), Integers(minimum=1, empty="none"))  # MoE: experts dropped per layer, least and most important by rank.metric, and at random
+    expert_draws: int = param(3, Integer(minimum=1))  # MoE: random drops per count, for a mean and a spread
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,16 @@ class QuantizeParams:
     symmetric: bool = param(False, Boolean())  # false: asymmetric min-max (a zero point per group); true: max |w|
     keep: tuple[float, ...] = param((0.0001, 0.001, 0.01), Fractions("share of the quantised weights kept"))  # global top shares kept at their original values
     channels: float = param(0.01, Number(0.0, 0.5))  # AWQ: the top share of each tensor's input channels kept; 0 = none
+
+
+@dataclass(frozen=True)
+class DomainsParams:
+    field: str = param("domain", String())  # the field that groups the texts (.jsonl key, .parquet column; for a folder, the subfolder); none = no grouped run
+    source: str = param("data/texts/domains.jsonl", String())  # the labelled texts the groups are drawn from
+    n_in_sample: int = param(8, Integer(minimum=1))  # texts per group whose gradient is taken, drawn with `seed`
+    n_heldout: int = param(8, Integer(minimum=1))  # texts per group held out, measured in the damage matrix
+    top_n: int = param(100, Integer(minimum=1))  # each group's critical set: its global top-N by rank.metric; <= sensitivity.keep
+    random_draws: int = param(2, Integer(minimum=1))  # random-N controls per group's set (same count per tensor), for a spread
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,7 @@ class Params:
     superweights: SuperweightsParams = SuperweightsParams()
     compress: CompressParams = CompressParams()
     quantize: QuantizeParams = QuantizeParams()
+    domains: DomainsParams = DomainsParams()
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))
@@ -178,6 +195,9 @@ def _cross_checks(p: Params, found: Problems) -> list[str]:
         problems.append(
             f"validate.k_values: {max(p.validate.k_values)} exceeds sensitivity.keep {p.sensitivity.keep}"
         )
+    if found.fine("domains.top_n", "sensitivity.keep") and p.domains.top_n > p.sensitivity.keep:
+        problems.append(f"domains.top_n: {p.domains.top_n} exceeds sensitivity.keep {p.sensitivity.keep}; each group's "
+                        "top-N is exact only up to keep (raise sensitivity.keep or lower domains.top_n)")
     if found.fine("model.device_map", "model.device") and p.model.device_map == "auto" and p.model.device == "cpu":
         problems.append("model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'")
     return problems

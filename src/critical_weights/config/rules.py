@@ -138,16 +138,20 @@ class Choices:
 
 @dataclass(frozen=True)
 class Integers:
-    """A non-empty list of integers in [minimum, maximum], held sorted and without repeats."""
+    """A list of integers in [minimum, maximum], held sorted and without repeats; non-empty
+    unless `empty` says what an empty list means."""
 
     minimum: int
     maximum: int | None = None
+    empty: str | None = None  # what [] means ("none"), when it is allowed
 
     def check(self, value: Any) -> tuple[int, ...]:
         top = self.maximum if self.maximum is not None else float("inf")
-        if not (isinstance(value, list) and value and all(_is_int(v) and self.minimum <= v <= top for v in value)):
+        filled = bool(value) or self.empty is not None
+        if not (isinstance(value, list) and filled and all(_is_int(v) and self.minimum <= v <= top for v in value)):
             bounds = f">= {self.minimum}" if self.maximum is None else f"from {self.minimum} to {self.maximum}"
-            raise Refused(f"{show(value)} must be a non-empty list of integers {bounds}")
+            what = "a non-empty list" if self.empty is None else f"a list ([] = {self.empty})"
+            raise Refused(f"{show(value)} must be {what} of integers {bounds}")
         return tuple(sorted(set(value)))
 
 

@@ -11,3 +11,5 @@ STREAM_RANDOM_K = 3  # random_k controls and superweights' random weights
 STREAM_NOISE = 4  # gauss_noise perturbations
 STREAM_SAMPLE = 5  # the weights sampled to test each metric's predictions
 STREAM_PRUNE = 6  # compress: the random pruning scores
+STREAM_EXPERTS = 7  # compress: the random experts dropped
+STREAM_DOMAINS = 8  # domains: each group's in-sample and held-out texts

@@ -20,24 +20,33 @@ import numpy as np
 import pyarrow as pa
 
 
-def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, metric: str) -> list[dict[str, Any]]:
-    """One entry per MoE layer of the model (none for a dense model), in model order."""
+def layer_scores(meta: dict[str, Any], stats: pa.Table, metric: str) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """Per MoE layer of the shards' meta, in order: its expert tensors, and per expert the sum
+    and the max of `metric`'s scores over them ((E,) float64 each)."""
     rows = [r for r in stats.select(["parameter", "metric", "n_experts", "expert_sum", "expert_max"]).to_pylist()
             if r["metric"] == metric and r["n_experts"]]
-    n_critical = ranked.num_rows
-    names = ranked["parameter"].to_pylist()
-    experts_col = ranked["expert"].to_pylist()
     out = []
     for layer in meta.get("moe_layers", []):
         path, n = layer["experts"], layer["n_experts"]
         tensors = [r for r in rows if r["parameter"].startswith(path + ".") and r["n_experts"] == n]
-        total = np.zeros(n)
-        top = np.full(n, -np.inf)
+        total, top = np.zeros(n), np.full(n, -np.inf)
         for r in tensors:
             if len(r["expert_sum"]) == n:
                 total += np.asarray(r["expert_sum"])
                 top = np.maximum(top, np.asarray(r["expert_max"]))
-        owned = {r["parameter"] for r in tensors}
+        out.append(([r["parameter"] for r in tensors], total, top))
+    return out
+
+
+def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, metric: str) -> list[dict[str, Any]]:
+    """One entry per MoE layer of the model (none for a dense model), in model order."""
+    n_critical = ranked.num_rows
+    names = ranked["parameter"].to_pylist()
+    experts_col = ranked["expert"].to_pylist()
+    out = []
+    for layer, (tensors, total, top) in zip(meta.get("moe_layers", []), layer_scores(meta, stats, metric)):
+        path, n = layer["experts"], layer["n_experts"]
+        owned = set(tensors)
         critical = np.zeros(n, dtype=np.int64)
         for name, e in zip(names, experts_col):
             if name in owned and e is not None:
@@ -47,7 +56,7 @@ def expert_importance(meta: dict[str, Any], stats: pa.Table, ranked: pa.Table, m
         tokens = layer["tokens"]
         out.append({
             "block": layer["block"], "experts": path, "router": layer["router"], "n_experts": n,
-            "tensors": [r["parameter"] for r in tensors], "tokens": tokens,
+            "tensors": tensors, "tokens": tokens,
             "per_expert": [{
                 "expert": e, "sum": float(total[e]), "max": float(top[e]) if tensors else None,
                 "critical": int(critical[e]), "critical_share": critical[e] / n_critical if n_critical else 0.0,

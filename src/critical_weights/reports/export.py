@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import unicodedata
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,8 +19,9 @@ from critical_weights import __version__
 from critical_weights.artifacts import shards
 from critical_weights.artifacts.prepared_texts import read_prepared_meta
 from critical_weights.artifacts.ranked_file import read_ranked
+from critical_weights.artifacts.sums import SumsWriter
 from critical_weights.config.params import RankParams
-from critical_weights.core.outputs import csv_text, write_json, write_text
+from critical_weights.core.outputs import atomic_path, csv_text, write_json, write_text
 from critical_weights.ranking.overlap import metric_overlap
 from critical_weights.ranking.topk import Place, rank_every_metric
 from critical_weights.reports.experts import expert_importance
@@ -26,6 +29,7 @@ from critical_weights.reports.experts import expert_importance
 CSV_COLUMNS = ("global_rank", "group_rank", "parameter", "block", "component", "expert", "row", "col", "flat_index",
                "score", "weight", "gradient", "metric", "token_id", "token")
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+CRITICAL_MASK = "critical_mask.safetensors"
 VERSIONED = ("torch", "transformers", "dvc", "numpy", "pyarrow", "pandas", "matplotlib", "gguf", "tokenizers")
 
 
@@ -114,15 +118,49 @@ def critical_summary(ranked: pa.Table, metric_stats: pa.Table, rank: dict[str, A
     }
 
 
+def critical_mask(path: Path, ranked: pa.Table, stats: pa.Table, meta: dict[str, Any], rank: dict[str, Any]) -> None:
+    """critical_mask.safetensors: the critical set as a mask, keyed by the model's own parameter
+    names, one bit per weight of the stored shape (1 = critical), packed along the last axis in
+    little bit order as masks.safetensors is, (..., ceil(last / 8)) uint8. Only tensors that hold
+    a critical weight are in it; every other tensor's mask would be all 0. Set bit by bit from
+    the flat indices, so no unpacked mask is ever held (an 8B embedding's is 65 MB packed)."""
+    shapes = {r["parameter"]: tuple(r["shape"]) for r in stats.select(["parameter", "shape"]).to_pylist()}
+    flat = ranked["flat_index"].to_numpy().astype(np.int64)
+    rows_of: dict[str, list[int]] = {}
+    for i, name in enumerate(ranked["parameter"].to_pylist()):
+        rows_of.setdefault(name, []).append(i)
+    held = [name for name in shapes if name in rows_of]  # parameter order
+    packed = {n: (*shapes[n][:-1], -(-shapes[n][-1] // 8)) if len(shapes[n]) else (1,) for n in held}
+    model = meta.get("model", {})
+    header = {"format": "critical-weights/critical-mask/1", "metric": str(rank["metric"]), "mode": str(rank["mode"]),
+              "k": str(rank["k"]), "n_critical": str(ranked.num_rows),
+              "bits": "1 = critical; little bit order along the last axis; tensors without a critical weight left out",
+              "shapes": json.dumps({n: list(shapes[n]) for n in held}, sort_keys=True, separators=(",", ":")),
+              "text_sha256": str(meta.get("text_sha256")), "model": str(model.get("name"))}
+    writer = SumsWriter(path, packed, header, dtype="U8")
+    try:
+        for name in held:
+            last = shapes[name][-1] if shapes[name] else 1
+            at = flat[rows_of[name]]
+            row, col = np.divmod(at, last)
+            bits = np.zeros(math.prod(packed[name]), dtype=np.uint8)
+            np.bitwise_or.at(bits, row * packed[name][-1] + col // 8, (1 << (col % 8)).astype(np.uint8))
+            writer.write(name, bits.reshape(packed[name]))
+    finally:
+        writer.close()
+
+
 def run_export(sensitivity: Path, ranked_dir: Path, prepared: Path, reports: Path) -> None:
-    """Write critical_weights.csv, sensitivity_stats.json, metric_overlap.json, manifest.json
-    and metrics.json."""
+    """Write critical_weights.csv, critical_mask.safetensors, sensitivity_stats.json,
+    metric_overlap.json, manifest.json and metrics.json."""
     meta = shards.read_meta(sensitivity)
     stats = shards.read_stats(sensitivity)
     ranked, rank_info = read_ranked(ranked_dir)
     metric = rank_info["rank"]["metric"]
     csv_text = critical_csv(ranked, shards.places(stats))
     write_text(reports / "critical_weights.csv", csv_text)
+    with atomic_path(reports / CRITICAL_MASK) as tmp:
+        critical_mask(tmp, ranked, stats.filter(pc.equal(stats["metric"], metric)), meta, rank_info["rank"])
 
     metric_stats = stats.filter(pc.equal(stats["metric"], metric))
     totals = {

@@ -77,13 +77,23 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
                                 p_sens.checkpointing) from None
     for name, why in skipped.items():
         log.info("wanda skips %s: %s", name, why)
+    avg_loss = acc.loss_sum / acc.n_tokens
+    if not distributed.is_main():
+        return  # every process holds the all-reduced sums; the first one writes them
+    write_shards(model, tokenizer, params_list, acc, skipped, params, out, timings, extra_meta)
+    log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
+
+
+def write_shards(model: torch.nn.Module, tokenizer: Any, params_list: list[tuple[str, torch.Tensor]], acc,
+                 skipped: dict[str, str], params: Params, out: Path, timings: Timings,
+                 extra_meta: dict[str, Any]) -> None:
+    """Score every parameter of `params_list` from the sums in `acc` (freed as they are used)
+    by every metric of `params.sensitivity`, and write the shards (and the sums, if asked) into
+    `out`, whole or not at all."""
     token_rows = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
         token_rows.add(id(head.weight))
-    avg_loss = acc.loss_sum / acc.n_tokens
-    if not distributed.is_main():
-        return  # every process holds the all-reduced sums; the first one writes them
     if isinstance(tokenizer, Path):
         with timings.phase("load tokenizer"):
             tokenizer = tokenization.load_saved(tokenizer)
@@ -116,7 +126,6 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
         shards.write_meta(tmp, shards_meta(extra_meta, params, acc.loss_sum, acc.n_tokens, acc.n_sequences,
                                            len(params_list), sum(w.numel() for _, w in params_list), skipped,
                                            _moe_layers(model, acc)))
-    log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
 
 
 def _sums_writers(folder: Path, acc, extra_meta: dict[str, Any]) -> dict[str, sums.SumsWriter]:

@@ -9,10 +9,12 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,36 +28,38 @@ log = logging.getLogger(__name__)
 SOURCE_KINDS = ".jsonl, .txt, .parquet, or a folder of .txt files"
 
 
-def _read_utf8(path: Path) -> str:
+def _read_utf8(path: Path, key: str = "texts.source") -> str:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise TextsError(f"texts.source: {path} cannot be read ({err.strerror or err})") from None
+        raise TextsError(f"{key}: {path} cannot be read ({err.strerror or err})") from None
     if b"\x00" in data:
-        raise TextsError(f"texts.source: {path} looks binary (it holds NUL bytes); expected UTF-8 text")
+        raise TextsError(f"{key}: {path} looks binary (it holds NUL bytes); expected UTF-8 text")
     try:
         return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
-        raise TextsError(f"texts.source: {path} is not UTF-8 (bad byte at offset {err.start})") from None
+        raise TextsError(f"{key}: {path} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def _read_jsonl(path: Path, key: str = "texts.source") -> list[str]:
     texts = []
     # split on newlines only: str.splitlines would also split inside a JSON string holding U+2028
-    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+    for number, line in enumerate(_read_utf8(path, key).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TextsError(f"texts.source: {path} line {number} is not valid JSON ({err.msg})") from None
+            raise TextsError(f"{key}: {path} line {number} is not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise TextsError(f"texts.source: {path} line {number} has no string field 'text'")
+            raise TextsError(f"{key}: {path} line {number} has no string field 'text'")
         texts.append(record["text"])
     return texts
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(path: Path, key: str = "texts.source", field: str | None = None) -> list[Any]:
+    """The `text` column's non-null strings; with `field`, (text, str(field value)) pairs of the
+    rows where both are set."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -63,11 +67,16 @@ def _read_parquet(path: Path) -> list[str]:
         with pq.ParquetFile(path) as file:  # not read_table, which imports pyarrow.dataset (0.15 s)
             table = file.read()
     except (pa.ArrowException, OSError) as err:
-        raise TextsError(f"texts.source: {path} is not a readable Parquet file ({first_line(err)})") from None
+        raise TextsError(f"{key}: {path} is not a readable Parquet file ({first_line(err)})") from None
     kind = table.schema.field("text").type if "text" in table.column_names else None
     if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise TextsError(f"texts.source: {path} has no string column 'text' (columns: {', '.join(table.column_names)})")
-    return [t for t in table.column("text").to_pylist() if t is not None]
+        raise TextsError(f"{key}: {path} has no string column 'text' (columns: {', '.join(table.column_names)})")
+    if field is None:
+        return [t for t in table.column("text").to_pylist() if t is not None]
+    if field not in table.column_names:
+        raise TextsError(f"domains.field: {path} has no column {field!r} (columns: {', '.join(table.column_names)})")
+    return [(t, str(g)) for t, g in zip(table.column("text").to_pylist(), table.column(field).to_pylist())
+            if t is not None and g is not None]
 
 
 def read_texts(path: Path) -> list[str]:
@@ -88,6 +97,94 @@ def read_texts(path: Path) -> list[str]:
     if not texts:
         raise TextsError(f"texts.source: {path} holds no non-empty text")
     return texts
+
+
+def read_grouped(path: Path, field: str, key: str = "domains.source") -> list[tuple[str, str]]:
+    """(text, group) of every non-empty text of a labelled source, in order: the group is the
+    text's `field` (a `.jsonl` key or a `.parquet` column, any scalar read as a string); for a
+    folder, the subfolder its `.txt` file lies in. Texts are stripped as `read_texts` strips them."""
+    if not path.exists():
+        raise TextsError(f"{key}: {path} does not exist; expected .jsonl, .parquet, or a folder of subfolders of .txt files")
+    if path.is_dir():
+        files = sorted(path.glob("*/*.txt"))
+        if not files:
+            raise TextsError(f"domains.field: {path} has no subfolder holding .txt files; put each group's texts in "
+                             "a subfolder named after the group")
+        pairs = [(_read_utf8(f, key), f.parent.name) for f in files]
+    elif path.suffix.lower() == ".jsonl":
+        pairs = []
+        for number, line in enumerate(_read_utf8(path, key).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TextsError(f"{key}: {path} line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise TextsError(f"{key}: {path} line {number} has no string field 'text'")
+            value = record.get(field)
+            if value is None or isinstance(value, (dict, list)):
+                fields = ", ".join(k for k in record if k != "text") or "none but text"
+                raise TextsError(f"domains.field: {field!r} is {'missing from' if value is None else 'not a scalar in'} "
+                                 f"line {number} of {path} (its fields: {fields})")
+            pairs.append((record["text"], str(value)))
+    elif path.suffix.lower() == ".parquet":
+        pairs = _read_parquet(path, key, field)
+    else:
+        raise TextsError(f"domains.field: {path} has no fields to group by; use a .jsonl or .parquet source, "
+                         "or a folder with a subfolder per group")
+    pairs = [(t.strip(), g) for t, g in pairs if t.strip()]
+    if not pairs:
+        raise TextsError(f"{key}: {path} holds no non-empty text")
+    return pairs
+
+
+STREAM_JOIN = "\n\n"  # what the Wanda and SparseGPT code put between WikiText-2's rows
+
+
+def read_stream(path: Path, key: str) -> str:
+    """A source as one text, unstripped, for the windowed protocol: a `.txt` file as it is; the
+    rows of a `.parquet` column `text` or of a `.jsonl` field `text` (empty rows included), or
+    the `.txt` files of a folder, joined with a blank line, as the papers' code joins the rows
+    of WikiText-2's `text` column."""
+    if not path.exists():
+        raise TextsError(f"{key}: {path} does not exist; expected {SOURCE_KINDS}")
+    if path.is_dir():
+        text = STREAM_JOIN.join(_read_utf8(p, key) for p in sorted(path.glob("*.txt")))
+    elif path.suffix.lower() == ".txt":
+        text = _read_utf8(path, key)
+    elif path.suffix.lower() == ".jsonl":
+        text = STREAM_JOIN.join(_read_jsonl(path, key))
+    elif path.suffix.lower() == ".parquet":
+        text = STREAM_JOIN.join(_read_parquet(path, key))
+    else:
+        raise TextsError(f"{key}: {path} has an unsupported type; expected {SOURCE_KINDS}")
+    if not text.strip():
+        raise TextsError(f"{key}: {path} holds no text")
+    return text
+
+
+def stream_windows(source: Path, prepared: Path, context: int, max_windows: int,
+                   key: str = "compress.stream") -> tuple[list[list[int]], dict[str, int]]:
+    """The papers' perplexity protocol: `source` as one text (`read_stream`), tokenised once by
+    the prepared tokenizer, cut into non-overlapping windows of `context` tokens (stride =
+    context); the tokens past the last full window are left out, as the papers' code leaves
+    them. With `max_windows` > 0, the first that many windows.
+
+    Returns the windows and {n_stream_tokens, n_windows_full, n_left_out, text_sha256}."""
+    from transformers import AutoTokenizer
+
+    text = read_stream(source, key)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / TOKENIZER_DIR)
+    ids = tokenizer(text)["input_ids"]
+    full = len(ids) // context
+    if full == 0:
+        raise TextsError(f"{key}: {source} is {len(ids)} tokens, less than one window of compress.context {context}; "
+                         f"lower compress.context to at most {len(ids)}")
+    n = min(full, max_windows) if max_windows else full
+    windows = [ids[i * context:(i + 1) * context] for i in range(n)]
+    return windows, {"n_stream_tokens": len(ids), "n_windows_full": full, "n_left_out": len(ids) - n * context,
+                     "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def choose(n_available: int, n_texts: int, seed: int, stream: int | None = None,
