@@ -27,7 +27,7 @@ PHASE_SCRIPT = Path(__file__).resolve().parent / "phase.py"
 GIB = 1 << 30
 
 
-def _host_peak_reset() -> bool:
+def host_peak_reset() -> bool:
     """Reset this process's peak resident set (VmHWM); False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -37,7 +37,7 @@ def _host_peak_reset() -> bool:
         return False
 
 
-def _host_peak_bytes() -> int:
+def host_peak_bytes() -> int:
     return round(peak_memory_mib() * 2**20)  # the stages' own reader: VmHWM, else ru_maxrss
 
 
@@ -66,12 +66,12 @@ class Phases:
         _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        record["host_peak_is_own"] = _host_peak_reset()
+        record["host_peak_is_own"] = host_peak_reset()
         start = time.perf_counter()
         yield record
         _sync(self.device)
         record["seconds"] = time.perf_counter() - start
-        record["host_peak_bytes"] = _host_peak_bytes()
+        record["host_peak_bytes"] = host_peak_bytes()
         if self.device.type == "cuda":
             record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             record["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)

@@ -74,7 +74,7 @@ def test_every_problem_is_reported_at_once():
         "rank.k: 0 must be an integer >= 1",
         "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode",
         "plot.dpi: 10 must be an integer between 30 and 600",
-        "colour: unknown key; known keys here are compress, model, plot, quantize, rank, seed, sensitivity, superweights, texts, validate",
+        "colour: unknown key; known keys here are compress, domains, model, plot, quantize, rank, seed, sensitivity, superweights, texts, validate",
     ]
 
 
@@ -102,7 +102,7 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"rank": {"kk": 5}},
      "rank.kk: unknown key (did you mean rank.k?); known keys here are exclude, include, k, metric, mode"),
     ({"seeed": 1},
-     "seeed: unknown key (did you mean seed?); known keys here are compress, model, plot, quantize, rank, seed, sensitivity, superweights, texts, validate"),
+     "seeed: unknown key (did you mean seed?); known keys here are compress, domains, model, plot, quantize, rank, seed, sensitivity, superweights, texts, validate"),
     ({"sensitivity": {"metric": ["fisher"]}},
      "sensitivity.metric: unknown key (did you mean sensitivity.metrics?); known keys here are batch_tokens, "
      "checkpointing, dense, hutchinson_probes, keep, metrics, micro_batch_size, parameters, save_sums"),
@@ -176,7 +176,7 @@ def test_unreadable_and_invalid_files(tmp_path):
 def test_top_level_that_is_not_a_mapping_names_the_sections():
     assert problems(["a"]) == [
         "top level: ['a'] is not a mapping; expected the sections "
-        "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress, quantize"]
+        "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress, quantize, domains"]
 
 
 def test_a_huge_value_is_shown_short():

@@ -38,7 +38,7 @@ def grouped(tmp_path_factory, tiny_model_dir, labelled):
     per group, top 12, two random draws."""
     params = tiny_params(tiny_model_dir, sensitivity={"metrics": ("grad_x_weight", "magnitude", "wanda"), "dense": False})
     params = replace(params, domains=replace(params.domains, source=str(labelled), n_in_sample=3, n_heldout=3,
-                                             top_n=12, random_draws=2))
+                                             top_n=12, per_tensor_k=4, random_draws=2))
     folder = tmp_path_factory.mktemp("domains")
     prepared = folder / "prepared"
     run_prepare(Path(params.texts.source), params, prepared, Timings("prepare"))

@@ -19,7 +19,7 @@ def test_jaccard():
 def critical(grouped):
     report, out, params, _ = grouped
     names = [g["name"] for g in report["groups"]["shown"]]
-    return [sets.critical_of(n, out.shards / stage.folder_name(i, n), params.rank, 12) for i, n in enumerate(names)]
+    return [sets.critical_of(n, out.shards / stage.folder_name(i, n), params.rank, 12, 4) for i, n in enumerate(names)]
 
 
 def test_each_set_is_its_groups_top_n_best_first_with_its_place(critical):

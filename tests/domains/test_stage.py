@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from _tiny import float32_tolerance, tiny_params
 from critical_weights.artifacts import shards
+from critical_weights.core.errors import ParamsError
 from critical_weights.core.progress import Timings
 from critical_weights.domains import stage
 from critical_weights.domains.groups import Group
@@ -74,3 +76,14 @@ def test_no_field_means_no_grouped_run_and_outputs_that_say_so(tmp_path, tiny_mo
     assert json.loads(out.metrics.read_text()) == {"n_groups": 0}
     assert out.damage_plot.exists() and out.critical.read_text().startswith("group,")
     assert json.loads((out.shards / "not_run.json").read_text()) == made
+
+
+def test_a_top_n_above_keep_is_one_line_before_any_work(tmp_path, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)  # keep 40
+    params = replace(params, domains=replace(params.domains, top_n=41))
+    out = stage.Outputs(*(tmp_path / n for n in ("shards", "m.json", "r.json", "c.csv", "o.csv", "d.csv", "o.png",
+                                                  "d.png", "s.png")))
+    with pytest.raises(ParamsError, match=r"domains.top_n: 41 exceeds sensitivity.keep 40; each group's sets are exact "
+                                          r"only up to keep \(raise sensitivity.keep or lower domains.top_n\)"):
+        stage.run_domains(tmp_path / "unused", params, out, Timings("domains"))
+    assert not out.shards.exists() and not out.metrics.exists()

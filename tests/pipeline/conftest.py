@@ -18,7 +18,8 @@ def repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     repo = copy_project(tmp_path / "project")
     set_params(repo, model__name=str(tiny_model_dir), texts__n_texts=12, texts__max_length=24,
                 sensitivity__keep=20, sensitivity__metrics=list(METRICS), sensitivity__hutchinson_probes=2,
-                rank__k=5, validate__k_values=[1, 5], superweights__top_k=5, superweights__n_texts=4)
+                rank__k=5, validate__k_values=[1, 5], superweights__top_k=5, superweights__n_texts=4,
+                domains__top_n=10, domains__per_tensor_k=5)
     run_in(["git", "init", "-q"], repo)
     run_in(["git", "add", "-A"], repo)
     run_in(["git", "commit", "-qm", "tiny project"], repo)

@@ -22,7 +22,7 @@ import yaml
 
 from _project import run_in, set_params
 
-ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress", "quantize"}
+ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress", "quantize", "domains"}
 
 
 def _ran(output: str) -> set[str]:
@@ -57,8 +57,9 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     with open(repo / "reports" / "critical_weights.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3 * n_tensors
 
-    set_params(repo, rank__metric="wanda")  # validate, superweights and compress's masks use rank.metric
-    assert _ran(run_in(["dvc", "repro"], repo).stdout) == {"rank", "export", "plot", "validate", "superweights", "compress"}
+    set_params(repo, rank__metric="wanda")  # validate, superweights, compress's masks and domains' sets use rank.metric
+    assert _ran(run_in(["dvc", "repro"], repo).stdout) == {"rank", "export", "plot", "validate", "superweights", "compress",
+                                                          "domains"}
     for mode in ("per_block", "global"):  # per_component's output: tests/pipeline/test_stages.py
         set_params(repo, rank__mode=mode)
         run = run_in(["dvc", "repro"], repo)

@@ -45,6 +45,7 @@ from critical_weights.compression.measure import Measurer, TextSet, check_contex
 from critical_weights.compression.scores import RANDOM, scores, to_stored
 from critical_weights.config.params import Params
 from critical_weights.core.errors import NumericalError, ParamsError, ShardError
+from critical_weights.core.memory import unmap_large_blocks
 from critical_weights.core.outputs import atomic_path, write_json, write_text
 from critical_weights.core.progress import Timings, counted
 from critical_weights.metrics import REGISTRY
@@ -202,6 +203,7 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
                  timings: Timings) -> dict[str, Any]:
     """Prune by every set and configuration, measure each, write the masks, report and figures."""
     cp = params.compress
+    unmap_large_blocks()  # every mask is built tensor by tensor; freed temporaries go back at once (core.memory)
     loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here, before any work
     with timings.phase("plan"):
         planned = plan(prepared, sensitivity, source, params)

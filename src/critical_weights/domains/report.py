@@ -29,7 +29,7 @@ DEFINITIONS = {
     "groups": "texts grouped by domains.field; per group, n_in_sample texts (its gradient) and n_heldout held out, "
               "drawn with seed",
     "critical_top": "each group's global top-N (domains.top_n) by rank.metric, from the group's own gradient",
-    "critical_per_tensor": "each group's top rank.k per tensor by rank.metric",
+    "critical_per_tensor": "each group's top domains.per_tensor_k of each tensor by rank.metric",
     "whole": "every group's in-sample texts together: its gradient is the token-weighted sum of the group gradients "
              "(no pass of its own)",
     "jaccard": "|A and B| / |A or B| of two groups' sets of weights",
@@ -70,7 +70,7 @@ def build(params: Params, identity: dict[str, Any], shown: list[Group], left_out
         "run": True,
         "settings": {"field": dp.field, "source": dp.source, "n_in_sample": dp.n_in_sample, "n_heldout": dp.n_heldout,
                      "top_n": dp.top_n, "random_draws": dp.random_draws, "metric": params.rank.metric,
-                     "per_tensor_k": params.rank.k, "seed": params.seed, "max_length": params.texts.max_length},
+                     "per_tensor_k": dp.per_tensor_k, "seed": params.seed, "max_length": params.texts.max_length},
         "model": {"name": identity.get("name"), "weight_sha256": identity.get("weight_sha256"),
                   "n_blocks": identity.get("n_blocks"), "vocab_size": identity.get("vocab_size")},
         "groups": {**summary(shown, left_out),

@@ -2,7 +2,7 @@
 read from the groups' shards.
 
 - **Critical sets** by `rank.metric`: each group's global top-N (`domains.top_n`) and its
-  per-tensor top-k (`rank.k`), exact because every group's shards keep `sensitivity.keep`
+  per-tensor top-k (`domains.per_tensor_k`), exact because every group's shards keep `sensitivity.keep`
   candidates per tensor; with each set's share by block and by component.
 - **Overlap**: the Jaccard index |A ∩ B| / |A ∪ B| of two sets, for every pair of groups and
   for each group against the whole (every group's in-sample texts together); and Spearman's
@@ -49,7 +49,7 @@ class Critical:
         return set(zip(t["parameter"].to_pylist(), t["flat_index"].to_pylist()))
 
 
-def critical_of(name: str, folder: Path, rank: RankParams, top_n: int) -> Critical:
+def critical_of(name: str, folder: Path, rank: RankParams, top_n: int, per_tensor_k: int) -> Critical:
     """The sets of the group whose shards are in `folder`, each row with its block and component."""
     stats = shards.read_stats(folder)
     stats = stats.filter(pc.equal(stats["metric"], rank.metric))
@@ -61,7 +61,7 @@ def critical_of(name: str, folder: Path, rank: RankParams, top_n: int) -> Critic
                 .append_column("component", pa.array([c for _, c in where], pa.string())))
 
     top = placed(rank_metric(folder, replace(rank, mode="global", k=top_n)))
-    per_tensor = placed(rank_metric(folder, replace(rank, mode="per_tensor")))
+    per_tensor = placed(rank_metric(folder, replace(rank, mode="per_tensor", k=per_tensor_k)))
     sums = dict(zip(stats["parameter"].to_pylist(), stats["sum"].to_pylist()))
     candidates = shards.read_candidates(folder, stats, rank.metric).select(["parameter", "flat_index", "score"])
     return Critical(name, top, per_tensor, sums, candidates)

@@ -35,7 +35,7 @@ import torch
 
 from critical_weights.artifacts.prepared_texts import TOKENIZER_DIR, text_set_hash
 from critical_weights.config.params import Params
-from critical_weights.core.errors import out_of_memory
+from critical_weights.core.errors import ParamsError, out_of_memory
 from critical_weights.core.outputs import atomic_path, write_json
 from critical_weights.core.progress import Timings
 from critical_weights.domains import damage, groups, report, sets
@@ -109,6 +109,10 @@ def run_domains(prepared: Path, params: Params, out: Outputs, timings: Timings) 
         report.write(out, made, [], [])
         return made
     device, dtype = loading.resolve_device(params.model)  # a device or dtype this machine lacks fails here
+    for key, value in (("domains.top_n", dp.top_n), ("domains.per_tensor_k", dp.per_tensor_k)):
+        if value > params.sensitivity.keep:
+            raise ParamsError([f"{key}: {value} exceeds sensitivity.keep {params.sensitivity.keep}; each group's sets are "
+                               f"exact only up to keep (raise sensitivity.keep or lower {key})"])
     with timings.phase("groups"):
         pairs = sources.read_grouped(Path(dp.source), dp.field)
         tokenizer = tokenization.load_saved(prepared / TOKENIZER_DIR)
@@ -128,8 +132,8 @@ def run_domains(prepared: Path, params: Params, out: Outputs, timings: Timings) 
         score_groups(model, tokenizer, shown, params, tmp, timings, identity)
     with timings.phase("sets and overlap"):
         rank = params.rank
-        critical = [sets.critical_of(g.name, folders[g.name], rank, dp.top_n) for g in shown]
-        whole = sets.critical_of(sets.WHOLE, out.shards / sets.WHOLE, rank, dp.top_n)
+        critical = [sets.critical_of(g.name, folders[g.name], rank, dp.top_n, dp.per_tensor_k) for g in shown]
+        whole = sets.critical_of(sets.WHOLE, out.shards / sets.WHOLE, rank, dp.top_n, dp.per_tensor_k)
         overlap = sets.overlap([*critical, whole])
         specific = sets.specific(critical)
     with timings.phase("damage matrix"):
