@@ -120,6 +120,7 @@ def tiny_params(model_dir: Path, **sections) -> Params:
         rank=replace(base.rank, k=10),
         validate=replace(base.validate, k_values=(1, 10)),
         superweights=replace(base.superweights, top_k=10, n_texts=4),
+        domains=replace(base.domains, top_n=10, per_tensor_k=5),
     )
     for section, fields in sections.items():
         if section == "seed":

@@ -4,6 +4,7 @@ measuring each drop on tiny MoE models, with the loss a hand-made drop gives."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ def test_the_plan_holds_least_most_and_every_random_draw_per_count():
     assert [(d["n"], d["choice"], d["draw"]) for d in drops] == [
         (n, c, d) for n in (1, 2) for c, draws in (("least", 1), ("most", 1), ("random", 3)) for d in range(draws)]
     assert drops[0]["dropped"] == {"model.layers.0.mlp.experts": [0], "model.layers.1.mlp.experts": [3]}
+    assert experts.plan([], (1, 2), 3, 7) == [], "a dense model: nothing to drop, nothing measured"
 
 
 def test_a_count_that_drops_every_expert_is_one_line():
@@ -114,6 +116,7 @@ def test_the_stage_measures_each_drop_and_a_drop_by_hand_gives_its_loss(tmp_path
                      params.sensitivity.batch_tokens) == most["loss"]
 
 
-def test_a_dense_model_says_why_no_expert_was_dropped(compressed):
-    report, *_ = compressed
+def test_a_dense_model_says_why_no_expert_was_dropped_and_measures_no_drop(compressed):
+    report, out, *_ = compressed
     assert report["experts"] == {"measured": False, "reason": "the model has no Mixture-of-Experts layer"}
+    assert not any(k.startswith("drop_") for k in json.loads(out.metrics.read_text()))

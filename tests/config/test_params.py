@@ -134,9 +134,10 @@ def test_exact_message(raw, expected):
 
 
 def test_k_above_keep_is_reported_with_both_values():
-    raw = {"sensitivity": {"keep": 10}, "rank": {"k": 20}, "validate": {"k_values": [1, 5]}}
+    small = {"domains": {"top_n": 5, "per_tensor_k": 5}}
+    raw = {"sensitivity": {"keep": 10}, "rank": {"k": 20}, "validate": {"k_values": [1, 5]}, **small}
     assert problems(raw) == ["rank.k: 20 exceeds sensitivity.keep 10; raise sensitivity.keep so the ranking stays exact"]
-    ok = parse_params({"sensitivity": {"keep": 20}, "rank": {"k": 20}, "validate": {"k_values": [1, 5]}})
+    ok = parse_params({"sensitivity": {"keep": 20}, "rank": {"k": 20}, "validate": {"k_values": [1, 5]}, **small})
     assert ok.rank.k == ok.sensitivity.keep == 20
 
 
@@ -146,7 +147,8 @@ def test_bad_value_falls_back_to_default_so_cross_checks_do_not_pile_up():
 
 
 def test_an_invalid_value_is_not_cross_checked_as_its_default():
-    raw = {"sensitivity": {"keep": 20}, "rank": {"k": 0}, "validate": {"k_values": [1]}}
+    raw = {"sensitivity": {"keep": 20}, "rank": {"k": 0}, "validate": {"k_values": [1]},
+           "domains": {"top_n": 5, "per_tensor_k": 5}}
     assert problems(raw) == ["rank.k: 0 must be an integer >= 1"]
 
 

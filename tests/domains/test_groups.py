@@ -39,6 +39,11 @@ def test_each_group_gets_its_in_sample_then_held_out_texts_the_same_for_the_same
     assert other[0].in_sample != shown[0].in_sample or other[0].heldout != shown[0].heldout
 
 
+def test_a_group_named_whole_is_refused():
+    with pytest.raises(ParamsError, match="domains.field: a group is named 'whole'"):
+        groups.draw(_pairs({"whole": 6, "b": 6}), DomainsParams(n_in_sample=3, n_heldout=2), 42, 256, _tokens)
+
+
 @pytest.mark.parametrize("counts, message", [
     ({"x": 6}, "domains.field: every text has domain = 'x', so there is one group"),
     ({f"t{i}": 1 for i in range(5)}, "domains.field: 'domain' gives each of the 5 texts a group of its own"),
@@ -55,8 +60,11 @@ def test_the_grouped_reader_takes_a_jsonl_key_a_parquet_column_and_a_subfolder(t
     jsonl.write_text(json.dumps({"text": " one ", "lang": "fr"}) + "\n" + json.dumps({"text": "two", "lang": 3}) + "\n")
     assert read_grouped(jsonl, "lang") == [("one", "fr"), ("two", "3")]
     parquet = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"text": ["a", "b", None], "lang": ["de", None, "es"]}), parquet)
-    assert read_grouped(parquet, "lang") == [("a", "de")]
+    pq.write_table(pa.table({"text": ["a", "b", None], "lang": ["de", "fr", "es"]}), parquet)
+    assert read_grouped(parquet, "lang") == [("a", "de"), ("b", "fr")]
+    pq.write_table(pa.table({"text": ["a", "b"], "lang": ["de", None]}), parquet)
+    with pytest.raises(TextsError, match=r"domains.field: row 1 of .*t.parquet has a text but no 'lang'"):
+        read_grouped(parquet, "lang")
     for group, name in (("code", "x.txt"), ("code", "y.txt"), ("prose", "z.txt")):
         (tmp_path / "folder" / group).mkdir(parents=True, exist_ok=True)
         (tmp_path / "folder" / group / name).write_text(f"{group} {name}")
@@ -71,8 +79,12 @@ def test_the_grouped_reader_names_a_missing_field_and_a_source_without_fields(tm
         read_grouped(jsonl, "domain")
     txt = tmp_path / "t.txt"
     txt.write_text("one\ntwo\n")
-    with pytest.raises(TextsError, match="has no fields to group by; use a .jsonl or .parquet source"):
+    with pytest.raises(TextsError, match=r"domains.source: .*t.txt is a .txt file, whose texts have no field to group by"):
         read_grouped(txt, "domain")
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("text,domain\na,b\n")
+    with pytest.raises(TextsError, match=r"domains.source: .*t.csv has an unsupported type"):
+        read_grouped(csv_file, "domain")
     parquet = tmp_path / "t.parquet"
     pq.write_table(pa.table({"text": ["a"]}), parquet)
     with pytest.raises(TextsError, match=r"domains.field: .*t.parquet has no column 'domain' \(columns: text\)"):

@@ -11,7 +11,7 @@ from critical_weights.reports.figures import layout_problems
 
 
 def test_the_tables_hold_every_cell(grouped):
-    report, out, _, _ = grouped
+    report, out, *_ = grouped
     overlap = list(csv.DictReader(io.StringIO(out.overlap_table.read_text())))
     assert list(overlap[0]) == rep.OVERLAP_COLUMNS and len(overlap) == 3 * 4 * 4
     damage = list(csv.DictReader(io.StringIO(out.damage_table.read_text())))

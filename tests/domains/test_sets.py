@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from critical_weights.domains import sets, stage
+from critical_weights.domains import sets
+from critical_weights.domains.gradients import folder_name
 
 
 def test_jaccard():
@@ -17,9 +18,9 @@ def test_jaccard():
 
 @pytest.fixture(scope="module")
 def critical(grouped):
-    report, out, params, _ = grouped
+    report, out, params, _, folder = grouped
     names = [g["name"] for g in report["groups"]["shown"]]
-    return [sets.critical_of(n, out.shards / stage.folder_name(i, n), params.rank, 12, 4) for i, n in enumerate(names)]
+    return [sets.critical_of(n, folder / folder_name(i, n), params.rank, 12, 4) for i, n in enumerate(names)]
 
 
 def test_each_set_is_its_groups_top_n_best_first_with_its_place(critical):
@@ -58,3 +59,13 @@ def test_specific_weights_are_in_no_other_top_n_and_their_specificity_is_the_sco
             assert math.isclose(r["specificity"], r["score"] / r["largest_other_score"], rel_tol=1e-12)
             if not r["bounded"]:
                 assert r["largest_other_score"] == max(exact)
+
+
+def test_shared_weights_are_in_every_groups_top_n_with_each_groups_score(critical):
+    shared = sets.shared(critical)
+    common = set.intersection(*(c.keys() for c in critical))
+    assert {(r["parameter"], r["flat_index"]) for r in shared} == common
+    for r in shared:
+        for c in critical:
+            row = next(x for x in c.top.to_pylist() if (x["parameter"], x["flat_index"]) == (r["parameter"], r["flat_index"]))
+            assert r["score"][c.name] == row["score"]

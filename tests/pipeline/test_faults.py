@@ -240,6 +240,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     raw["rank"].update(k=5)
     if "validate" in raw:
         raw["validate"]["k_values"] = [1, 5]
+    raw["domains"].update(top_n=10, per_tensor_k=5)
     write_params_file(repo / "params.yaml", raw)
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         subprocess.run(args, cwd=repo, check=True, capture_output=True, env=VENV_ENV)

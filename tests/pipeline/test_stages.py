@@ -29,6 +29,7 @@ def small_params(model_dir: Path | str, **sections: dict) -> dict:
         "rank": {"metric": "grad_x_weight", "mode": "per_tensor", "k": 5},
         "plot": {"dpi": 40},
         "validate": {"k_values": [1, 5]},
+        "domains": {"top_n": 10, "per_tensor_k": 5},
     }
     for section, fields in sections.items():
         raw[section] = {**raw.get(section, {}), **fields}

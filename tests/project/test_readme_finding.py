@@ -67,3 +67,24 @@ def test_the_weight_named_row_1_of_the_csv_is_rank_1_globally():
     s = report("superweights.json")
     assert s["strongest_rank_grad_x_weight"] == 1
     assert f"`{s['strongest']}`, is row 1 of `reports/critical_weights.csv`" in finding()
+
+
+def test_the_domains_finding_and_table_are_the_committed_reports():
+    """domains.json is in git; domains_report.json is DVC's (checked where a run left it)."""
+    d = report("domains.json")
+    text = finding()
+    assert f"(mean Jaccard {d['mean_pairwise_jaccard']:.2f})" in text
+    assert (f"({d['damage_diagonal_dominance_heldout']:.2f} ± {d['damage_diagonal_dominance_heldout_std']:.2f}"
+            in text)
+    full = ROOT / "reports" / "domains_report.json"
+    if not full.exists():
+        return
+    r = json.loads(full.read_text(encoding="utf-8"))
+    held = r["damage"]["heldout"]["loss_increase"]
+    cells = [v for row in held for v in row]
+    assert f"by {min(cells):.1f} to {max(cells):.1f} nats" in text
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for name, row, saturated in zip(r["damage"]["groups"], held, r["damage"]["heldout"]["saturated"]):
+        cells = " | ".join((f"**{v:.2f}{'*' if s else ''}**" if i == r["damage"]["groups"].index(name)
+                            else f"{v:.2f}{'*' if s else ''}") for i, (v, s) in enumerate(zip(row, saturated)))
+        assert f"| {name} | {cells} |" in readme, name

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from critical_weights.core.errors import ParamsError
+from critical_weights.core.errors import ModelError, ParamsError
 from critical_weights.core.streams import STREAM_EXPERTS
 from critical_weights.reports.experts import layer_scores
 
@@ -44,6 +44,12 @@ def layers_of(meta: dict[str, Any], stats: pa.Table, metric: str) -> list[Layer]
     """Every MoE layer the shards describe, with its experts' importance by `metric`."""
     return [Layer(layer["block"], layer["experts"], total)
             for layer, (_, total, _) in zip(meta.get("moe_layers", []), layer_scores(meta, stats, metric))]
+
+
+def unscored(layers: list[Layer]) -> list[str]:
+    """The layers whose experts' importance is all zero: rank.metric scored none of their
+    expert tensors, so least and most would be the same arbitrary experts."""
+    return [layer.experts for layer in layers if not np.any(layer.importance)]
 
 
 def check_counts(layers: list[Layer], counts: tuple[int, ...]) -> None:
@@ -71,8 +77,11 @@ def chosen(layer: Layer, choice: str, n: int, seed: int = 0, draw: int = 0) -> l
 
 
 def plan(layers: list[Layer], counts: tuple[int, ...], draws: int, seed: int) -> list[dict[str, Any]]:
-    """Every drop the stage measures: (n, choice, draw) and the experts of each layer."""
-    out = []
+    """Every drop the stage measures: (n, choice, draw) and the experts of each layer; none for
+    a model without MoE layers."""
+    out: list[dict[str, Any]] = []
+    if not layers:
+        return out
     for n in counts:
         for choice in CHOICES:
             for draw in range(draws if choice == "random" else 1):
@@ -82,27 +91,32 @@ def plan(layers: list[Layer], counts: tuple[int, ...], draws: int, seed: int) ->
 
 
 class Dropper:
-    """Zero experts in place, and write their originals back."""
+    """Zero experts in place, and write their originals back: each drop saves only the slices
+    it zeroes."""
 
     def __init__(self, model: torch.nn.Module, layers: list[Layer]):
         self.params: dict[str, list[torch.Tensor]] = {}
         for layer in layers:
-            module = model.get_submodule(layer.experts)
             n = len(layer.importance)
-            self.params[layer.experts] = [p for p in module.parameters() if p.ndim >= 1 and p.shape[0] == n]
-        self.originals = {path: [p.detach().clone() for p in ps] for path, ps in self.params.items()}
+            found = [p for p in model.get_submodule(layer.experts).parameters() if p.ndim >= 1 and p.shape[0] == n]
+            if not found:
+                raise ModelError(f"compress.drop_experts: {layer.experts} holds no parameter with {n} experts along "
+                                 "its first axis, so no expert of it can be dropped; set compress.drop_experts []")
+            self.params[layer.experts] = found
+        self.saved: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
 
     def drop(self, dropped: dict[str, list[int]]) -> None:
         with torch.no_grad():
             for path, experts in dropped.items():
                 for p in self.params[path]:
+                    self.saved.append((p, experts, p[experts].clone()))
                     p[experts] = 0.0
 
     def restore(self) -> None:
         with torch.no_grad():
-            for path, ps in self.params.items():
-                for p, original in zip(ps, self.originals[path]):
-                    p.copy_(original)
+            for p, experts, original in self.saved:
+                p[experts] = original
+        self.saved = []
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,7 +58,8 @@ def text_sets(prepared: Path, source: Path, params: Params) -> list[TextSet]:
     if cp.stream != "none":
         windows, counts = sources.stream_windows(Path(cp.stream), prepared, cp.context, cp.max_windows)
         primary = TextSet("stream", windows, {
-            "texts": "stream", "source": cp.stream, "n_windows": len(windows), "n_tokens": predicted_tokens(windows),
+            "texts": "stream", "source": Path(cp.stream).name,  # its name and sha256, not a machine path
+            "n_windows": len(windows), "n_tokens": predicted_tokens(windows),
             "context": cp.context, "windows": True, "stride": cp.context,
             "joined": "a .txt file as it is; the rows of a .jsonl or .parquet (or a folder's files) joined with a blank "
                       "line, as the Wanda and SparseGPT code join WikiText-2's rows",
@@ -104,11 +105,6 @@ class Measurer:
         self.baselines = [loss for loss, _ in first]
         self.top1 = [top for _, top in first]
         self.baseline = self.baselines[0]
-
-    @property
-    def per_state(self) -> int:
-        """Loss evaluations per measured state of the model."""
-        return len(self.sets)
 
     def _loss(self, texts: TextSet) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()

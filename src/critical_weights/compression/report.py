@@ -108,11 +108,15 @@ def build_report(params: Params, meta: dict[str, Any], tensors: list, n_weights:
     }
 
 
-def experts_section(params: Params, layers: list[Layer], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def experts_section(params: Params, layers: list[Layer], rows: list[dict[str, Any]],
+                    unscored: list[str]) -> dict[str, Any]:
     """Dropping whole experts (critical_weights.compression.experts): what was dropped, the
     losses, and per count least and most against the random draws' mean and spread."""
     if not layers:
         return {"measured": False, "reason": "the model has no Mixture-of-Experts layer"}
+    if unscored:
+        return {"measured": False, "reason": f"{params.rank.metric} scores no expert tensor of {', '.join(unscored)}, "
+                                             "so its experts have no importance to order them by"}
     if not rows:
         return {"measured": False, "reason": "compress.drop_experts is []"}
     return {

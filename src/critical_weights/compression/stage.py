@@ -182,7 +182,8 @@ def load_model(sensitivity: Path, planned: Plan, params: Params, metric: str) ->
     firsts = candidates.filter(pc.equal(candidates["rank"], 1))
     expected = firsts.filter(pc.is_in(firsts["parameter"], value_set=pa.array([t.name for t in planned.tensors])))
     model, _ = load_checked(params.model, {t.name: int(np.prod(t.shape)) for t in planned.tensors},
-                            expected.select(["parameter", "flat_index", "weight"]), planned.texts[0].ids)
+                            expected.select(["parameter", "flat_index", "weight"]),
+                            [s for texts in planned.texts for s in texts.ids])
     check_context(model, planned.texts)
     return model
 
@@ -218,6 +219,15 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
                                "which this run did not compute; add fisher (or taylor2) to sensitivity.metrics, or set "
                                "compress.imatrix_fisher false"])
         configs = configurations(params)
+        moe = experts.layers_of(meta, stats, params.rank.metric)
+        experts.check_counts(moe, cp.drop_experts)
+        no_drop = experts.unscored(moe)
+        if no_drop:
+            log.warning("compress.drop_experts: %s scores no expert tensor of %s; no expert is dropped",
+                        params.rank.metric, ", ".join(no_drop))
+        drops = [] if no_drop else experts.plan(moe, cp.drop_experts, cp.expert_draws, params.seed)
+        if not moe and cp.drop_experts:
+            log.info("compress.drop_experts: the model has no Mixture-of-Experts layer; no expert is dropped")
     with timings.phase("load model"):
         model = load_model(sensitivity, planned, params, params.rank.metric)
         pruner = Pruner(model, tensors, sums, params.seed)
@@ -225,11 +235,6 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
     todo = [(m, *c) for m in sets for c in configs]
     if export is not None and export not in todo:
         todo.append(export)  # measured too, so the report holds the loss the exported masks give
-    moe = experts.layers_of(meta, stats, params.rank.metric)
-    experts.check_counts(moe, cp.drop_experts)
-    drops = experts.plan(moe, cp.drop_experts, cp.expert_draws, params.seed)
-    if not moe and cp.drop_experts:
-        log.info("compress.drop_experts: the model has no Mixture-of-Experts layer; no expert is dropped")
     rows: list[dict[str, Any]] = []
     expert_rows: list[dict[str, Any]] = []
     n_states = 1 + len(todo) + len(drops)
@@ -276,7 +281,7 @@ def run_compress(prepared: Path, sensitivity: Path, source: Path, params: Params
             exported_scores = _write_scores(tmp / SCORES, pruner, params.rank.metric, cp.scores, meta)
     report = rep.build_report(params, meta, tensors, pruner.n_weights, pruner.already_zero, planned.texts,
                               measurer.baselines, sets, rows, export)
-    report["experts"] = rep.experts_section(params, moe, expert_rows)
+    report["experts"] = rep.experts_section(params, moe, expert_rows, no_drop)
     report["imatrix"] = importance
     report["imatrix_fisher"] = fisher_importance
     report["exported_scores"] = exported_scores

@@ -147,7 +147,7 @@ class DomainsParams:
     n_heldout: int = param(8, Integer(minimum=1))  # texts per group held out, measured in the damage matrix
     top_n: int = param(100, Integer(minimum=1))  # each group's critical set: its global top-N by rank.metric; <= sensitivity.keep
     per_tensor_k: int = param(100, Integer(minimum=1))  # and its top-k of each tensor by rank.metric; <= sensitivity.keep
-    random_draws: int = param(2, Integer(minimum=1))  # random-N controls per group's set (same count per tensor), for a spread
+    random_draws: int = param(2, Integer(minimum=1))  # random controls of N weights spread as the groups' sets are, for a spread
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,11 @@ def _cross_checks(p: Params, found: Problems) -> list[str]:
         problems.append(
             f"validate.k_values: {max(p.validate.k_values)} exceeds sensitivity.keep {p.sensitivity.keep}"
         )
+    for key in ("top_n", "per_tensor_k"):
+        value = getattr(p.domains, key)
+        if found.fine(f"domains.{key}", "sensitivity.keep") and value > p.sensitivity.keep:
+            problems.append(f"domains.{key}: {value} exceeds sensitivity.keep {p.sensitivity.keep}; each group's sets are "
+                            f"exact only up to keep (raise sensitivity.keep or lower domains.{key})")
     if found.fine("model.device_map", "model.device") and p.model.device_map == "auto" and p.model.device == "cpu":
         problems.append("model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'")
     return problems

@@ -2,10 +2,13 @@
 
 Row g, column h: the loss increase on group h's texts when group g's top-N (by `rank.metric`)
 is set to 0, measured with validate's loss code on h's held-out texts, and on h's in-sample
-texts beside them. The controls are `domains.random_draws` random sets of N weights with the
-same count in each tensor as the whole's top-N, the whole's top-N left out, measured on every
-group's held-out texts: their mean and spread give the damage any N weights of those tensors
-do.
+texts beside them. The controls are `domains.random_draws` random sets of N weights spread
+over the tensors as the groups' top-N sets are together (each tensor's share of their union,
+rounded by largest remainder), none of those weights, measured on every group's held-out
+texts: their mean and spread are the damage any N weights of those tensors do. Each group's
+own damage D[g, g] is set against the controls on its texts as validate sets a critical set
+against its random_k draws (`validation.damage.vs_random`: a ratio only when the controls
+stand out of float noise, and a z-score).
 
 How diagonal the matrix is, two ways, each as the mean and spread (sample std) over groups:
 - `row`: D[g, g] / mean over h != g of D[g, h]: does zeroing g's set hurt g more than the
@@ -30,10 +33,11 @@ from critical_weights.config.params import Params
 from critical_weights.core.progress import counted
 from critical_weights.domains.groups import Group
 from critical_weights.domains.sets import Critical
+from critical_weights.validation.damage import NOISE_REL, vs_random
 from critical_weights.validation.evaluation import loss_and_top1, loss_record
 from critical_weights.validation.perturbation import digest, zeroed
 from critical_weights.validation.resume import Resumable, first_block
-from critical_weights.validation.selection import Selection, counts, from_pairs, random_selection
+from critical_weights.validation.selection import Selection, from_pairs, random_selection
 
 TEXTS = ("heldout", "in_sample")
 
@@ -43,7 +47,9 @@ def selection_of(table: Any) -> Selection:
 
 
 def dominance(matrix: list[list[float | None]]) -> dict[str, Any]:
-    """Row and column dominance of a square matrix of loss increases (module docstring)."""
+    """Row and column dominance of a square matrix of loss increases (module docstring); a row
+    with a loss that is not finite, or whose other cells do not add up to a loss increase, has
+    none."""
     d = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
     n = len(d)
     out: dict[str, Any] = {}
@@ -52,7 +58,8 @@ def dominance(matrix: list[list[float | None]]) -> dict[str, Any]:
         ratios = []
         for g in range(n):
             off = np.delete(m[g], g)
-            ratios.append(float(m[g, g] / off.mean()) if off.mean() > 0 and np.isfinite(m[g]).all() else None)
+            ok = np.isfinite(m[g]).all() and off.mean() > 0
+            ratios.append(float(m[g, g] / off.mean()) if ok else None)
         finite = [r for r in ratios if r is not None]
         out[kind] = {"per_group": ratios, "mean": float(np.mean(finite)) if finite else None,
                      "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None}
@@ -79,15 +86,38 @@ class Measured:
         return loss_and_top1(self.model, self.ids, *self.batching)
 
 
-def damage_matrix(model: torch.nn.Module, shown: list[Group], critical: list[Critical], whole: Critical,
-                  params: Params) -> dict[str, Any]:
+def matched_counts(selections: list[Selection], n: int) -> dict[str, int]:
+    """n weights over the tensors as the selections are spread together: each tensor's share of
+    their union, rounded by largest remainder (ties by tensor order)."""
+    union = {name: len(set().union(*(set(s[name].tolist()) for s in selections if name in s)))
+             for name in dict.fromkeys(name for s in selections for name in s)}
+    total = sum(union.values())
+    exact = {name: n * c / total for name, c in union.items()}
+    out = {name: math.floor(x) for name, x in exact.items()}
+    order = sorted(exact, key=lambda name: -(exact[name] - out[name]))
+    for name in order[:n - sum(out.values())]:
+        out[name] += 1
+    return {name: c for name, c in out.items() if c}
+
+
+def union_of(selections: list[Selection]) -> Selection:
+    names = dict.fromkeys(name for s in selections for name in s)
+    return {name: np.unique(np.concatenate([s[name] for s in selections if name in s])) for name in names}
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def damage_matrix(model: torch.nn.Module, shown: list[Group], critical: list[Critical], params: Params) -> dict[str, Any]:
     """The matrix on held-out and in-sample texts, the random controls, and the dominance."""
     dp, sp = params.domains, params.sensitivity
     weights = dict(model.named_parameters())
     sizes = {n: p.numel() for n, p in weights.items()}
     rows = [selection_of(c.top) for c in critical]
-    avoid = selection_of(whole.top)
-    controls = [random_selection(counts(avoid), sizes, avoid, params.seed, dp.top_n, d) for d in range(dp.random_draws)]
+    avoid = union_of(rows)
+    per_tensor = matched_counts(rows, dp.top_n)
+    controls = [random_selection(per_tensor, sizes, avoid, params.seed, dp.top_n, d) for d in range(dp.random_draws)]
     before = {n: digest(weights[n]) for n in sorted({n for s in [*rows, *controls] for n in s})}
     g = len(shown)
     total = 2 * g + 2 * g * g + dp.random_draws * g
@@ -117,23 +147,26 @@ def damage_matrix(model: torch.nn.Module, shown: list[Group], critical: list[Cri
         control_rows = [measure(s, ("heldout",)) for s in controls]
     out: dict[str, Any] = {
         "baseline": {w: [baseline[(w, i)][0] for i in range(g)] for w in TEXTS},
-        "controls": {"n_weights": sum(counts(avoid).values()), "draws": dp.random_draws,
-                     "matched_to": "the whole's top-N: the same count in each tensor, the whole's top-N left out"},
+        "controls": {"n_weights": sum(per_tensor.values()), "draws": dp.random_draws, "per_tensor": per_tensor,
+                     "matched_to": "the groups' top-N sets together: each tensor's share of their union, none of "
+                                   "their weights"},
     }
     for w in TEXTS:
         out[w] = {"loss_increase": [[r[(w, h)]["loss_increase"] for h in range(g)] for r in critical_rows],
                   "loss": [[r[(w, h)]["loss"] for h in range(g)] for r in critical_rows],
                   "top1_agreement": [[r[(w, h)]["top1_agreement"] for h in range(g)] for r in critical_rows]}
         out[w]["dominance"] = dominance(out[w]["loss_increase"])
-    drawn = np.array([[c[("heldout", h)]["loss_increase"] if c[("heldout", h)]["finite"] else np.nan
-                       for h in range(g)] for c in control_rows], dtype=np.float64)  # (draws, groups)
+    drawn = [[c[("heldout", h)]["loss_increase"] for h in range(g)] for c in control_rows]  # (draws, groups), None if not finite
+    per_group = [_finite([d[h] for d in drawn]) for h in range(g)]
     out["controls"].update({
-        "loss_increase": drawn.tolist(),
-        "mean": [float(x) for x in np.nanmean(drawn, axis=0)],
-        "std": [float(x) for x in np.nanstd(drawn, axis=0, ddof=1)] if len(drawn) > 1 else None,
+        "loss_increase": drawn,
+        "mean": [float(np.mean(v)) if v else None for v in per_group],
+        "std": [float(np.std(v, ddof=1)) if len(v) > 1 else None for v in per_group],
     })
-    mean_control = float(np.nanmean(drawn))
-    increases = np.array([[np.nan if v is None else v for v in row] for row in out["heldout"]["loss_increase"]])
-    out["critical_over_random"] = float(np.nanmean(increases)) / mean_control if mean_control > 0 else None
+    floor = NOISE_REL * float(np.mean([abs(b) for b in out["baseline"]["heldout"]]))
+    own = [vs_random(out["heldout"]["loss_increase"][h][h], [d[h] for d in drawn], floor) for h in range(g)]
+    ratios, zs = _finite([o["ratio"] for o in own]), _finite([o["z"] for o in own])
+    out["own_vs_random"] = {"per_group": own, "mean_ratio": float(np.mean(ratios)) if ratios else None,
+                            "n_ratios": len(ratios), "mean_z": float(np.mean(zs)) if zs else None}
     out["ln_vocab"] = math.log(model.config.vocab_size) if getattr(model.config, "vocab_size", None) else None
     return out

@@ -11,15 +11,21 @@ listed with the reason.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from critical_weights.config.params import DomainsParams
-from critical_weights.core.errors import ParamsError
+from critical_weights.core.errors import ParamsError, ShardError
+from critical_weights.core.outputs import write_json
 from critical_weights.core.streams import STREAM_DOMAINS
+
+FILE = "groups.json"  # in the domain_sensitivity stage's folder: the groups drawn, with their token ids
+WHOLE = "whole"  # every group's in-sample texts together (critical_weights.domains.gradients)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ def draw(pairs: list[tuple[str, str]], dp: DomainsParams, seed: int, max_length:
     check_labels(pairs, dp.field)
     need = dp.n_in_sample + dp.n_heldout
     names = list(dict.fromkeys(g for _, g in pairs))
+    if WHOLE in names:
+        raise ParamsError([f"domains.field: a group is named {WHOLE!r}, the name this stage gives every group's texts "
+                           "together; rename that group in the source"])
     shown, left_out = [], {}
     for index, name in enumerate(names):
         texts = [t for t, g in pairs if g == name]
@@ -74,3 +83,18 @@ def summary(groups: list[Group], left_out: dict[str, str]) -> dict[str, Any]:
     return {"shown": [{"name": g.name, "n_texts": g.n_texts, "n_in_sample": len(g.in_sample),
                        "n_heldout": len(g.heldout)} for g in groups],
             "left_out": left_out}
+
+
+def write(folder: Path, shown: list[Group], left_out: dict[str, str]) -> None:
+    """FILE: the groups shown (name, text count, in-sample and held-out token ids) and those left out."""
+    write_json(folder / FILE, {"shown": [asdict(g) for g in shown], "left_out": left_out})
+
+
+def read(folder: Path) -> tuple[list[Group], dict[str, str]]:
+    """The groups `write` wrote."""
+    try:
+        raw = json.loads((folder / FILE).read_text(encoding="utf-8"))
+        return [Group(**g) for g in raw["shown"]], dict(raw["left_out"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ShardError(f"{folder / FILE}: missing or unreadable ({type(err).__name__}); rerun the domain_sensitivity "
+                         "stage (dvc repro)") from None

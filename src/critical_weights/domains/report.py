@@ -16,8 +16,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from critical_weights.config.params import Params  # noqa: E402
 from critical_weights.core.outputs import csv_text, write_json, write_text  # noqa: E402
-from critical_weights.domains.groups import Group, summary  # noqa: E402
-from critical_weights.domains.sets import WHOLE, Critical, shares  # noqa: E402
+from critical_weights.domains.groups import WHOLE, Group, summary  # noqa: E402
+from critical_weights.domains.sets import Critical, shares  # noqa: E402
 from critical_weights.reports.figures import save_png  # noqa: E402
 from critical_weights.sensitivity.loss import predicted_tokens  # noqa: E402
 
@@ -36,14 +36,20 @@ DEFINITIONS = {
     "spearman_tensor_sums": "Spearman's rank correlation, over the tensors, of each tensor's summed score: do two "
                             "groups agree on which tensors matter",
     "specific": "a weight in the group's top-N and in no other group's top-N",
+    "shared": "a weight in every group's top-N",
     "specificity": "the group's score over the largest other group's score at the weight; where the weight is outside "
                    "another group's kept candidates, that group's lowest kept score in the tensor stands in for it "
                    "(an upper bound on it), and the specificity is a lower bound (specificity_bounded)",
     "damage": "loss increase on the column group's texts after zeroing the row group's top-N (validate's loss code)",
     "dominance_row": "per row g, D[g,g] / mean over h != g of D[g,h]; mean and sample std over groups",
     "dominance_column": "per column h, D[h,h] / mean over g != h of D[g,h]; mean and sample std over groups",
-    "controls": "random sets of N weights with the whole's top-N count in each tensor (the whole's top-N left out), "
-                "measured on every group's held-out texts",
+    "controls": "random sets of N weights spread over the tensors as the groups' top-N sets are together (each "
+                "tensor's share of their union, largest-remainder rounding), none of their weights, measured on every "
+                "group's held-out texts",
+    "own_vs_random": "per group, D[g,g] held-out against the controls' increases on g's held-out texts, as validate "
+                     "compares a critical set with its random_k draws: a ratio only where the controls stand out of "
+                     "float noise (else null with the reason), and the z-score; mean_ratio and mean_z are their means "
+                     "over the groups where they are defined",
 }
 
 
@@ -57,8 +63,8 @@ def _mean_jaccard(overlap: list[dict[str, Any]], names: list[str]) -> float | No
 
 
 def build(params: Params, identity: dict[str, Any], shown: list[Group], left_out: dict[str, str],
-          critical: list[Critical], whole: Critical, overlap: list[dict[str, Any]], specific: dict[str, Any],
-          matrix: dict[str, Any]) -> dict[str, Any]:
+          critical: list[Critical], whole: Critical | None, no_whole: str | None, overlap: list[dict[str, Any]],
+          specific: dict[str, Any], shared: list[dict[str, Any]], matrix: dict[str, Any]) -> dict[str, Any]:
     """Everything the stage measured, with its definitions."""
     dp = params.domains
     names = [g.name for g in shown]
@@ -71,25 +77,26 @@ def build(params: Params, identity: dict[str, Any], shown: list[Group], left_out
         "settings": {"field": dp.field, "source": dp.source, "n_in_sample": dp.n_in_sample, "n_heldout": dp.n_heldout,
                      "top_n": dp.top_n, "random_draws": dp.random_draws, "metric": params.rank.metric,
                      "per_tensor_k": dp.per_tensor_k, "seed": params.seed, "max_length": params.texts.max_length},
-        "model": {"name": identity.get("name"), "weight_sha256": identity.get("weight_sha256"),
-                  "n_blocks": identity.get("n_blocks"), "vocab_size": identity.get("vocab_size")},
+        "model": identity,
         "groups": {**summary(shown, left_out),
                    "tokens": {g.name: {"in_sample": predicted_tokens(g.in_sample), "heldout": predicted_tokens(g.heldout)}
                               for g in shown}},
         "critical": {c.name: {"top": {"n": c.top.num_rows, **shares(c.top.to_pylist())},
                               "per_tensor": {"n": c.per_tensor.num_rows, **shares(c.per_tensor.to_pylist())}}
-                     for c in [*critical, whole]},
+                     for c in [*critical, *([whole] if whole is not None else [])]},
         "overlap": {"pairs": overlap, "mean_pairwise_jaccard_top": _mean_jaccard(overlap, names),
-                    "vs_whole": {r["a"]: r["jaccard_top"] for r in overlap if r["b"] == WHOLE}},
+                    "vs_whole": ({r["a"]: r["jaccard_top"] for r in overlap if r["b"] == WHOLE} if whole is not None
+                                 else {"reason": no_whole})},
         "specific": {n: {k: v for k, v in s.items()} for n, s in specific.items()},
+        "shared": {"n": len(shared), "weights": shared},
         "damage": {"groups": names, **matrix},
         "definitions": DEFINITIONS,
     }
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """DVC metrics: the number of groups, the mean pairwise Jaccard, and how diagonal the
-    damage matrix is (held-out and in-sample), with the critical-over-random ratio."""
+    """DVC metrics: the number of groups, the mean pairwise Jaccard, how diagonal the damage
+    matrix is (held-out and in-sample), and each group's own damage over the random controls'."""
     if not report["run"]:
         return {"n_groups": 0}
     d = report["damage"]
@@ -99,7 +106,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "damage_diagonal_dominance_heldout": d["heldout"]["dominance"]["row"]["mean"],
         "damage_diagonal_dominance_heldout_std": d["heldout"]["dominance"]["row"]["std"],
         "damage_diagonal_dominance_in_sample": d["in_sample"]["dominance"]["row"]["mean"],
-        "damage_critical_over_random": d["critical_over_random"],
+        "damage_own_over_random": d["own_vs_random"]["mean_ratio"],
+        "damage_own_z_mean": d["own_vs_random"]["mean_z"],
+        "n_shared_by_all_groups": report["shared"]["n"],
     }
 
 
@@ -120,8 +129,12 @@ def _labels(report: dict[str, Any]) -> list[str]:
     return report["damage"]["groups"]
 
 
+def _with_whole(report: dict[str, Any]) -> list[str]:
+    return [*_labels(report), *([WHOLE] if "reason" not in report["overlap"]["vs_whole"] else [])]
+
+
 def overlap_csv(report: dict[str, Any]) -> str:
-    names = [*_labels(report), WHOLE]
+    names = _with_whole(report)
     pairs = {(r["a"], r["b"]): r for r in report["overlap"]["pairs"]}
     rows = []
     for panel, key in (("jaccard top-N", "jaccard_top"), ("jaccard per-tensor top-k", "jaccard_per_tensor"),
@@ -161,7 +174,7 @@ def _heatmap(ax: Any, values: np.ndarray, labels_y: list[str], labels_x: list[st
 def overlap_figure(report: dict[str, Any]) -> Figure:
     """Jaccard of every pair of groups' top-N sets (and each against the whole), and the
     Spearman correlation of their per-tensor score sums."""
-    names = [*_labels(report), WHOLE]
+    names = _with_whole(report)
     pairs = {(r["a"], r["b"]): r for r in report["overlap"]["pairs"]}
     n = report["settings"]["top_n"]
     fig, axes = plt.subplots(1, 2, figsize=(4.2 + 1.1 * len(names), 0.55 * len(names) + 2.4))
@@ -198,8 +211,10 @@ def damage_figure(report: dict[str, Any]) -> Figure:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="loss increase (nats)")
     axes[0].set_ylabel(f"top-{n} zeroed (group)", fontsize=9)
     controls = d["controls"]
+    means = [m for m in controls["mean"] if m is not None]
+    control = f"{np.mean(means):.3f} nats on average" if means else "a loss that is not finite"
     fig.suptitle(f"Cross-group damage; {controls['draws']} random sets of {controls['n_weights']} weights raise the "
-                 f"held-out loss by {np.nanmean(controls['mean']):.3f} nats on average (* past ln V)", fontsize=9)
+                 f"held-out loss by {control} (* past ln V)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -234,7 +249,7 @@ def specific_figure(report: dict[str, Any], n_blocks: int) -> Figure:
     return fig
 
 
-def write(out: Any, report: dict[str, Any], critical: list[Critical], shown: list[Group]) -> None:
+def write(out: Any, report: dict[str, Any], critical: list[Critical]) -> None:
     """Every output file; with no grouped run, each says why."""
     write_json(out.report, report)
     write_json(out.metrics, headline(report))
@@ -253,6 +268,6 @@ def write(out: Any, report: dict[str, Any], critical: list[Critical], shown: lis
     write_text(out.damage_table, damage_csv(report))
     save_png(overlap_figure(report), out.overlap_plot)
     save_png(damage_figure(report), out.damage_plot)
-    blocks = report["model"]["n_blocks"] or 1 + max((r["block"] for c in critical for r in c.top.to_pylist()
-                                                      if r["block"] is not None), default=0)
+    blocks = report["model"].get("n_blocks") or 1 + max((r["block"] for c in critical for r in c.top.to_pylist()
+                                                            if r["block"] is not None), default=0)
     save_png(specific_figure(report, blocks), out.specific_plot)

@@ -8,6 +8,7 @@ read from the groups' shards.
   for each group against the whole (every group's in-sample texts together); and Spearman's
   rank correlation of the per-tensor score sums (which tensors matter), over the tensors both
   score.
+- **Shared weights**: in every group's top-N.
 - **Group-specific weights**: in the group's top-N and in no other group's. Their specificity
   is the group's score over the largest other group's score at the same weight. Another
   group's score is read from its candidates where the weight is among them; where it is not,
@@ -28,10 +29,8 @@ import pyarrow.compute as pc
 
 from critical_weights.artifacts import shards
 from critical_weights.config.params import RankParams
-from critical_weights.ranking.topk import rank_metric
+from critical_weights.ranking.topk import rank_metric, select_parameters
 from critical_weights.validation.predictiveness import spearman
-
-WHOLE = "whole"  # the label of every group's in-sample texts together
 
 
 @dataclass(frozen=True)
@@ -50,13 +49,17 @@ class Critical:
 
 
 def critical_of(name: str, folder: Path, rank: RankParams, top_n: int, per_tensor_k: int) -> Critical:
-    """The sets of the group whose shards are in `folder`, each row with its block and component."""
+    """The sets of the group whose shards are in `folder`, each row with its block and component
+    (the rank table's own `group` column, the ranking group, left out)."""
     stats = shards.read_stats(folder)
     stats = stats.filter(pc.equal(stats["metric"], rank.metric))
+    chosen = set(select_parameters(stats["parameter"].to_pylist(), rank.include, rank.exclude))
+    stats = stats.filter(pa.array([n in chosen for n in stats["parameter"].to_pylist()]))
     places = shards.places(stats)
 
     def placed(table: pa.Table) -> pa.Table:
         where = [places[n] for n in table["parameter"].to_pylist()]
+        table = table.drop_columns(["group"])
         return (table.append_column("block", pa.array([b for b, _ in where], pa.int64()))
                 .append_column("component", pa.array([c for _, c in where], pa.string())))
 
@@ -99,6 +102,20 @@ def overlap(sets: list[Critical]) -> list[dict[str, Any]]:
                          "jaccard_per_tensor": jaccard(a.keys("per_tensor"), b.keys("per_tensor")),
                          "spearman_tensor_sums": rho, "n_tensors": len(common)})
     return rows
+
+
+def shared(sets: list[Critical]) -> list[dict[str, Any]]:
+    """The weights in every group's top-N, in the first group's order, with each group's score."""
+    common = set.intersection(*(c.keys() for c in sets)) if sets else set()
+    scores = {c.name: {(r["parameter"], r["flat_index"]): r["score"] for r in c.top.to_pylist()} for c in sets}
+    out = []
+    for r in sets[0].top.to_pylist() if sets else []:
+        key = (r["parameter"], r["flat_index"])
+        if key in common:
+            out.append({k: r[k] for k in ("parameter", "flat_index", "block", "component", "expert", "row", "col",
+                                          "weight", "token")}
+                       | {"score": {name: float(s[key]) for name, s in scores.items()}})
+    return out
 
 
 def _score_at(other: Critical, keys: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:

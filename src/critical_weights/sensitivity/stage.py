@@ -25,7 +25,7 @@ from critical_weights.metrics import REGISTRY
 from critical_weights.model import layout, loading, tokenization
 from critical_weights.model.source import resolve_source
 from critical_weights.sensitivity import distributed, scoring
-from critical_weights.sensitivity.accumulate import accumulate, scored_parameters
+from critical_weights.sensitivity.accumulate import Accumulators, accumulate, scored_parameters
 from critical_weights.sensitivity.loss import check_output_path, perplexity
 from critical_weights.sensitivity.recompute import checkpointed_blocks
 
@@ -58,6 +58,20 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
 
     `tokenizer` (it decodes the rows of token matrices) may be the folder to load it from,
     which then happens after the pass, so that it does not add to the pass's peak memory."""
+    params_list, acc, skipped, extra_meta = gradients(model, input_ids, params, timings, extra_meta)
+    avg_loss = acc.loss_sum / acc.n_tokens
+    if not distributed.is_main():
+        return  # every process holds the all-reduced sums; the first one writes them
+    write_shards(model, tokenizer, params_list, acc, skipped, params, out, timings, extra_meta)
+    log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
+
+
+def gradients(model: torch.nn.Module, input_ids: list[list[int]], params: Params, timings: Timings,
+              extra_meta: dict[str, Any], phase: str = "forward+backward"
+              ) -> tuple[list[tuple[str, torch.nn.Parameter]], Accumulators, dict[str, str], dict[str, Any]]:
+    """One pass over the texts: the scored parameters, their sums (`accumulate`), the
+    parameters wanda skips with the reason, and the meta with the implementations in use.
+    Checks first that the scoring path gives the model's own logits (`check_output_path`)."""
     p_sens = params.sensitivity
     if "hutchinson" in p_sens.metrics:
         # Hessian-vector products need double backward, which fused SDPA and grouped_mm kernels lack
@@ -66,7 +80,7 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
     extra_meta = {**extra_meta, "model": {**extra_meta.get("model", {}), "implementations": loading.implementations(model)}}
     params_list = scored_parameters(model, p_sens.parameters)
     check_output_path(model, input_ids[0])
-    with timings.phase("forward+backward"), recompute:
+    with timings.phase(phase), recompute:
         try:
             acc, skipped = accumulate(
                 model, input_ids, params_list, p_sens.metrics, p_sens.micro_batch_size,
@@ -77,11 +91,7 @@ def compute_shards(model: torch.nn.Module, tokenizer: Any, input_ids: list[list[
                                 p_sens.checkpointing) from None
     for name, why in skipped.items():
         log.info("wanda skips %s: %s", name, why)
-    avg_loss = acc.loss_sum / acc.n_tokens
-    if not distributed.is_main():
-        return  # every process holds the all-reduced sums; the first one writes them
-    write_shards(model, tokenizer, params_list, acc, skipped, params, out, timings, extra_meta)
-    log.info("avg loss %.4f over %d tokens (perplexity %.2f)", avg_loss, acc.n_tokens, perplexity(avg_loss))
+    return params_list, acc, skipped, extra_meta
 
 
 def write_shards(model: torch.nn.Module, tokenizer: Any, params_list: list[tuple[str, torch.Tensor]], acc,

@@ -22,6 +22,7 @@ from critical_weights.artifacts.prepared_texts import TOKENIZER_DIR, PreparedTex
 from critical_weights.core.errors import TextsError, first_line
 from critical_weights.core.progress import progress
 from critical_weights.core.streams import STREAM_TEXTS
+from critical_weights.model import tokenization
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def _read_utf8(path: Path, key: str = "texts.source") -> str:
         raise TextsError(f"{key}: {path} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
-def _read_jsonl(path: Path, key: str = "texts.source") -> list[str]:
-    texts = []
+def _read_jsonl(path: Path, key: str = "texts.source", field: str | None = None) -> list[Any]:
+    """Every record's `text`; with `field`, (text, str(record[field])) pairs."""
+    out: list[Any] = []
     # split on newlines only: str.splitlines would also split inside a JSON string holding U+2028
     for number, line in enumerate(_read_utf8(path, key).split("\n"), start=1):
         if not line.strip():
@@ -53,8 +55,16 @@ def _read_jsonl(path: Path, key: str = "texts.source") -> list[str]:
             raise TextsError(f"{key}: {path} line {number} is not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise TextsError(f"{key}: {path} line {number} has no string field 'text'")
-        texts.append(record["text"])
-    return texts
+        if field is None:
+            out.append(record["text"])
+            continue
+        value = record.get(field)
+        if value is None or isinstance(value, (dict, list)):
+            fields = ", ".join(k for k in record if k != "text") or "none but text"
+            raise TextsError(f"domains.field: {field!r} is {'missing from' if value is None else 'not a scalar in'} "
+                             f"line {number} of {path} (its fields: {fields})")
+        out.append((record["text"], str(value)))
+    return out
 
 
 def _read_parquet(path: Path, key: str = "texts.source", field: str | None = None) -> list[Any]:
@@ -75,8 +85,13 @@ def _read_parquet(path: Path, key: str = "texts.source", field: str | None = Non
         return [t for t in table.column("text").to_pylist() if t is not None]
     if field not in table.column_names:
         raise TextsError(f"domains.field: {path} has no column {field!r} (columns: {', '.join(table.column_names)})")
-    return [(t, str(g)) for t, g in zip(table.column("text").to_pylist(), table.column(field).to_pylist())
-            if t is not None and g is not None]
+    out = []
+    for row, (t, g) in enumerate(zip(table.column("text").to_pylist(), table.column(field).to_pylist())):
+        if t is not None and g is None:
+            raise TextsError(f"domains.field: row {row} of {path} has a text but no {field!r}; give every text a group")
+        if t is not None:
+            out.append((t, str(g)))
+    return out
 
 
 def read_texts(path: Path) -> list[str]:
@@ -112,27 +127,15 @@ def read_grouped(path: Path, field: str, key: str = "domains.source") -> list[tu
                              "a subfolder named after the group")
         pairs = [(_read_utf8(f, key), f.parent.name) for f in files]
     elif path.suffix.lower() == ".jsonl":
-        pairs = []
-        for number, line in enumerate(_read_utf8(path, key).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TextsError(f"{key}: {path} line {number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise TextsError(f"{key}: {path} line {number} has no string field 'text'")
-            value = record.get(field)
-            if value is None or isinstance(value, (dict, list)):
-                fields = ", ".join(k for k in record if k != "text") or "none but text"
-                raise TextsError(f"domains.field: {field!r} is {'missing from' if value is None else 'not a scalar in'} "
-                                 f"line {number} of {path} (its fields: {fields})")
-            pairs.append((record["text"], str(value)))
+        pairs = _read_jsonl(path, key, field)
     elif path.suffix.lower() == ".parquet":
         pairs = _read_parquet(path, key, field)
+    elif path.suffix.lower() == ".txt":
+        raise TextsError(f"{key}: {path} is a .txt file, whose texts have no field to group by; use a .jsonl or "
+                         ".parquet source, or a folder with a subfolder of .txt files per group")
     else:
-        raise TextsError(f"domains.field: {path} has no fields to group by; use a .jsonl or .parquet source, "
-                         "or a folder with a subfolder per group")
+        raise TextsError(f"{key}: {path} has an unsupported type; expected .jsonl, .parquet, or a folder of "
+                         "subfolders of .txt files")
     pairs = [(t.strip(), g) for t, g in pairs if t.strip()]
     if not pairs:
         raise TextsError(f"{key}: {path} holds no non-empty text")
@@ -172,10 +175,8 @@ def stream_windows(source: Path, prepared: Path, context: int, max_windows: int,
     them. With `max_windows` > 0, the first that many windows.
 
     Returns the windows and {n_stream_tokens, n_windows_full, n_left_out, text_sha256}."""
-    from transformers import AutoTokenizer
-
     text = read_stream(source, key)
-    tokenizer = AutoTokenizer.from_pretrained(prepared / TOKENIZER_DIR)
+    tokenizer = tokenization.load_saved(prepared / TOKENIZER_DIR)  # the class prepare checked
     ids = tokenizer(text)["input_ids"]
     full = len(ids) // context
     if full == 0:
