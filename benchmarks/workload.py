@@ -143,4 +143,5 @@ def bench_params(n_seq: int, seq_len: int, micro_batch: int, batch_tokens: int, 
                         "keep": keep, "checkpointing": checkpointing},
         "rank": {"metric": metrics[0], "mode": "per_tensor", "k": k},
         "validate": {"k_values": sorted({1, min(k, keep), keep})},
+        "domains": {"top_n": min(100, keep), "per_tensor_k": min(100, keep)},
     }

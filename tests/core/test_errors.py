@@ -26,7 +26,7 @@ from critical_weights.model import loading, tokenization
 from critical_weights.model.source import HUB_TIMEOUT_S, resolve_source
 
 ALL_METRICS = ", ".join(METRICS)
-SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress, quantize"
+SECTIONS = "seed, texts, model, sensitivity, rank, plot, validate, superweights, compress, quantize, domains"
 KINDS = "smollm2-135m, a .gguf file, a model folder in Hugging Face format, or a hub id owner/name"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 
@@ -102,7 +102,8 @@ def test_every_bad_param_is_reported_at_once_before_any_work(run, tmp_path, unto
 
 def test_k_above_keep_and_an_uncomputed_metric(run, tmp_path, untouched):
     params = params_with(run, tmp_path, sensitivity={"keep": 5, "metrics": ["magnitude"]},
-                         rank={"k": 6, "metric": "fisher"}, validate={"k_values": [1]})
+                         rank={"k": 6, "metric": "fisher"}, validate={"k_values": [1]},
+                         domains={"top_n": 5, "per_tensor_k": 5})
     assert_error(prepare(run, params), (
         "invalid params.yaml: rank.metric: 'fisher' is not computed; sensitivity.metrics has magnitude; "
         "rank.k: 6 exceeds sensitivity.keep 5; raise sensitivity.keep so the ranking stays exact"))

@@ -11,7 +11,7 @@ from critical_weights.texts.sources import choose, in_sample
 
 def test_the_streams_are_distinct_and_none_is_prepares_plain_seed():
     values = {name: v for name, v in vars(streams).items() if name.startswith("STREAM_")}
-    assert len(values) == 6 and len(set(values.values())) == len(values)
+    assert len(values) == 8 and len(set(values.values())) == len(values)
     assert all(isinstance(v, int) and v > 0 for v in values.values())
 
 

@@ -42,10 +42,10 @@ def test_no_grouped_run_gives_outputs_that_say_so(tmp_path, tiny_model_dir):
     assert out.damage_plot.exists() and out.critical.read_text().startswith("group,")
 
 
-def test_a_top_n_or_k_above_keep_is_one_line_each_before_any_stage_runs():
+def test_a_top_n_or_k_above_keep_is_one_line_each_with_the_other_params():
     with pytest.raises(ParamsError) as caught:
         parse_params({"sensitivity": {"keep": 40}, "rank": {"k": 10}, "validate": {"k_values": [1, 10]},
-                      "superweights": {"top_k": 10}, "domains": {"top_n": 41, "per_tensor_k": 50}})
+                      "domains": {"top_n": 41, "per_tensor_k": 50}})
     text = str(caught.value)
     assert "domains.top_n: 41 exceeds sensitivity.keep 40; each group's sets are exact only up to keep" in text
     assert "domains.per_tensor_k: 50 exceeds sensitivity.keep 40" in text

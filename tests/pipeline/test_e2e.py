@@ -22,7 +22,8 @@ import yaml
 
 from _project import run_in, set_params
 
-ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress", "quantize", "domains"}
+ALL = {"prepare", "sensitivity", "rank", "export", "plot", "validate", "superweights", "compress", "quantize", "domain_sensitivity",
+       "domains"}
 
 
 def _ran(output: str) -> set[str]:

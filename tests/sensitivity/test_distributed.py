@@ -39,6 +39,7 @@ def prepared(tmp_path: Path, tiny_model_dir: Path, write_params) -> tuple[Path, 
                         "hutchinson_probes": 3},
         "rank": {"k": 10},
         "validate": {"k_values": [1, 10]},
+        "domains": {"top_n": 10, "per_tensor_k": 10},
     })
     _run([sys.executable, "stages/prepare.py", "--params", str(params),
           "--source", "data/texts/corpus.jsonl", "--out", str(tmp_path / "prepared")], ROOT)

@@ -179,7 +179,7 @@ def test_stage_with_shards_of_another_model_is_one_error_line(validate_run, tmp_
     build_tiny_model(vocab_size=texts_vocab(prepared), seed=5).save_pretrained(other, safe_serialization=True)
     raw = {"model": {"name": str(other), "device": "cpu", "dtype": "float32"},
            "sensitivity": {"keep": 40, "metrics": ["grad_x_weight", "magnitude", "fisher"]},
-           "rank": {"k": 3}, "validate": {"k_values": [1, 5]}}
+           "rank": {"k": 3}, "validate": {"k_values": [1, 5]}, "domains": {"top_n": 10, "per_tensor_k": 10}}
     result = invoke(*stage_args(write_params(raw), prepared, sens, ranked, tmp_path / "out"))
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[-1].startswith("Error: parameter ")
