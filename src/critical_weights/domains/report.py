@@ -87,7 +87,7 @@ def build(params: Params, identity: dict[str, Any], shown: list[Group], left_out
         "overlap": {"pairs": overlap, "mean_pairwise_jaccard_top": _mean_jaccard(overlap, names),
                     "vs_whole": ({r["a"]: r["jaccard_top"] for r in overlap if r["b"] == WHOLE} if whole is not None
                                  else {"reason": no_whole})},
-        "specific": {n: {k: v for k, v in s.items()} for n, s in specific.items()},
+        "specific": specific,
         "shared": {"n": len(shared), "weights": shared},
         "damage": {"groups": names, **matrix},
         "definitions": DEFINITIONS,
