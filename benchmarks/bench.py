@@ -66,11 +66,13 @@ from workload import (  # noqa: E402
 @click.option("--seed", type=int, default=0, show_default=True, help="Weights and token ids follow from it.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="In-process only: first run forward+backward over this many sequences, untimed by the pipeline phases.")
 @click.option("--chain", is_flag=True, help="Run the stages as DVC does, one process each, instead of in-process.")
+@click.option("--fsdp", type=click.IntRange(min=2), help="With --chain: model.parallel fsdp, the sensitivity stage sharded over this many processes (one per GPU).")
 @click.option("--shards-only", is_flag=True, help="No model: write synthetic shards of SIZE's shape, then time rank, export and plot (they never use the GPU).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the outputs here (default: a temporary folder, removed).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the record as JSON here.")
 def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size: int | None, batch_tokens: int,
-         checkpointing: bool, metrics: str, keep: int, k: int, seed: int, warmup: int, chain: bool, shards_only: bool, work_dir: Path | None,
+         checkpointing: bool, metrics: str, keep: int, k: int, seed: int, warmup: int, chain: bool, fsdp: int | None,
+         shards_only: bool, work_dir: Path | None,
          json_file: Path | None) -> None:
     from critical_weights.core.errors import reported
     from critical_weights.core.progress import setup_logging
@@ -78,6 +80,8 @@ def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size
     setup_logging()
     if chain and shards_only:
         raise click.UsageError("--chain and --shards-only exclude each other")
+    if fsdp and not chain:
+        raise click.UsageError("--fsdp runs the stages as DVC does: add --chain")
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("--device cuda: no CUDA device is visible")
     device = torch.device(device_name)
@@ -89,8 +93,10 @@ def main(size: str, device_name: str, n_seq: int, seq_len: int, micro_batch_size
     vocab = SIZES[size]["vocab_size"]
     ids = random_ids(n_seq, seq_len, vocab, seed)
     raw = bench_params(n_seq, seq_len, micro, batch_tokens, keep, k, metric_list, seed, device_name, checkpointing)
+    if fsdp:
+        raw["model"].update(parallel="fsdp", processes=fsdp)
     record: dict[str, Any] = {
-        "mode": "chain" if chain else "shards-only" if shards_only else "in-process",
+        "mode": f"chain, fsdp over {fsdp}" if fsdp else "chain" if chain else "shards-only" if shards_only else "in-process",
         "command": portable_command(["python", "benchmarks/bench.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "device": describe_device(device), "python": platform.python_version(), "torch": torch.__version__,

@@ -8,7 +8,9 @@ runs, each as `benchmarks/bench.py` in a process of its own (a fresh CUDA contex
 1. the in-process harness at the Llama-3.1-8B shape, after a warm-up of 4 sequences;
 2. the same shape as DVC runs it, one process per stage (`--chain`);
 3. the in-process harness on an 8B-weight Mixture-of-Experts, Qwen3-MoE-shaped
-   (`qwen3-moe-8b`: 64 experts, 8 routed per token, experts stored as 3-D tensors).
+   (`qwen3-moe-8b`: 64 experts, 8 routed per token, experts stored as 3-D tensors);
+4. on a machine with more than one GPU, the 8B chain again with the sensitivity stage sharded
+   over all of them (`model.parallel: fsdp`, one process per GPU); it is recorded, not judged.
 
 It then judges the targets of benchmarks/RESULTS.md (forward+backward >= 480 TFLOP/s, score
 and write <= 1 s, peak GPU memory <= 72 GiB, the chain without model load <= 30 s) and writes
@@ -40,19 +42,24 @@ from measure import GIB, table  # noqa: E402
 TARGETS = {"tflops": 480.0, "score_and_write_s": 1.0, "gpu_peak_gib": 72.0, "chain_without_load_s": 30.0}
 
 
-def plan(dry_run: bool) -> list[tuple[str, list[str]]]:
-    """(name, bench.py arguments) of each run, in order."""
+def plan(dry_run: bool, gpus: int = 0) -> list[tuple[str, list[str]]]:
+    """(name, bench.py arguments) of each run, in order; the FSDP chain where `gpus` > 1 (a dry
+    run shards the tiny chain over 2 CPU processes)."""
     if dry_run:
         common = ["--device", "cpu", "--n-seq", "4", "--seq-len", "16", "--keep", "50", "--k", "5"]
         dense, moe = "tiny", "tiny-moe"
     else:
         common = ["--device", "cuda"]
         dense, moe = "llama-3.1-8b", "qwen3-moe-8b"
-    return [
+    runs = [
         (f"in-process {dense}", ["--size", dense, *common, "--warmup", "4"]),
         (f"chain {dense}", ["--size", dense, *common, "--chain"]),
         (f"in-process {moe}", ["--size", moe, *common, "--warmup", "4"]),
     ]
+    ranks = 2 if dry_run else gpus
+    if ranks > 1:
+        runs.append((f"chain {dense} fsdp x{ranks}", ["--size", dense, *common, "--chain", "--fsdp", str(ranks)]))
+    return runs
 
 
 def run_bench(name: str, args: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
@@ -129,7 +136,8 @@ def main(out: Path, dry_run: bool, timeout_s: int) -> None:
     if not dry_run and not torch.cuda.is_available():
         raise click.ClickException("no CUDA device is visible; use --dry-run to check the script on the CPU")
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_bench(name, args, out, timeout_s) for name, args in plan(dry_run)]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    runs = [run_bench(name, args, out, timeout_s) for name, args in plan(dry_run, gpus)]
     report = {"date": datetime.date.today().isoformat(), "dry_run": dry_run, "runs": runs,
               "targets": judge(runs, dry_run)}
     (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

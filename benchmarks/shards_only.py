@@ -45,7 +45,7 @@ def write_synthetic_shards(folder: Path, size: str, params: Any, tokenizer: Any,
     from critical_weights.model import layout
     from critical_weights.sensitivity import scoring
     from critical_weights.sensitivity.accumulate import scored_parameters
-    from critical_weights.sensitivity.stage import candidate_table, shards_meta, stats_row
+    from critical_weights.sensitivity.writing import candidate_table, shards_meta, stats_row
 
     model = build_model(size, torch.device("meta"), torch.float32, params.seed)
     token_rows = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}

@@ -128,6 +128,19 @@ def test_load_params_reports_every_problem_of_a_file(tmp_path):
     ({"superweights": {"prompt": ""}}, "superweights.prompt: '' must be a non-empty string"),
     ({"model": {"device_map": "auto", "device": "cpu"}},
      "model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'"),
+    ({"model": {"parallel": "fsdp", "device_map": "auto"}},
+     "model.parallel: fsdp shards the model over torchrun's processes; model.device_map auto spreads it over one "
+     "process's GPUs: choose one (set model.device_map none)"),
+    ({"model": {"parallel": "fsdp", "processes": 1}},
+     "model.processes: 1 process cannot shard the model; allowed: 0 (one per visible GPU) or 2 and more"),
+    ({"model": {"parallel": "fsdp"}, "sensitivity": {"metrics": ["grad_x_weight", "hutchinson"]}},
+     "sensitivity.metrics: hutchinson cannot run with model.parallel fsdp (its Hessian-vector products need double "
+     "backward, which FSDP2 does not run); leave it out, or run it with model.parallel none (one process, torchrun "
+     "data parallel or model.device_map auto)"),
+    ({"model": {"parallel": "fsdp"}, "sensitivity": {"dense": True}},
+     "sensitivity.dense: every score is written by one process, which a sharded model does not fit; set it false "
+     "with model.parallel fsdp"),
+    ({"model": {"parallel": "ddp"}}, "model.parallel: 'ddp' is not one of none, fsdp"),
 ])
 def test_exact_message(raw, expected):
     assert problems(raw) == [expected]

@@ -143,7 +143,7 @@ def test_structures_are_unstructured_or_n_of_m_with_n_below_m():
         Structures().check(["4:4"])
     with pytest.raises(Refused, match="needs 0 < N < M <= 64"):
         Structures().check(["0:4"])
-    with pytest.raises(Refused, match="is not a structure; use unstructured, or N:M.*did you mean unstructured\?\)"):
+    with pytest.raises(Refused, match=r"is not a structure; use unstructured, or N:M.*did you mean unstructured\?\)"):
         Structures().check(["unstructred"])
     with pytest.raises(Refused, match="repeats an entry"):
         Structures().check(["2:4", "2:4"])

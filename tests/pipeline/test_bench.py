@@ -24,6 +24,7 @@ BENCH = ROOT / "benchmarks"
 def _module(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -141,7 +142,10 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["in-process tiny", "chain tiny", "in-process tiny-moe"]
+    assert [r["name"] for r in report["runs"]] == ["in-process tiny", "chain tiny", "in-process tiny-moe",
+                                                   "chain tiny fsdp x2"]
+    fsdp = report["runs"][3]["record"]
+    assert fsdp["mode"] == "chain, fsdp over 2"
     assert all("record" in r for r in report["runs"])
     moe = report["runs"][2]["record"]
     assert moe["n_matrices"] == 16 and moe["n_active_weights_but_embedding"] < moe["n_weights_but_embedding"]
@@ -219,3 +223,22 @@ def test_pruning_masks_are_the_compress_stages_own(pruning_masks, workload, tmp_
         for i, (t, expected) in enumerate(pruner.masks(metric, *config)):
             got, _, _ = pruning_masks.one_mask(metric, i, t, pruner.weights[t.name], sums, 3, config)
             assert torch.equal(got, expected), (t.name, config)
+
+
+def test_fsdp_memory_counts_the_weights_transformers_builds() -> None:
+    """benchmarks/fsdp_memory.py's shapes hold the weights transformers' Llama has (built on the
+    meta device: no memory, no download), block by block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fsdp_memory = _module("fsdp_memory")
+
+    for shape in fsdp_memory.SHAPES:
+        config = LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=2, intermediate_size=shape.intermediate,
+                             num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                             vocab_size=fsdp_memory.VOCAB, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        block = sum(p.numel() for p in model.model.layers[0].parameters())
+        assert block == shape.block, shape.name
+        assert sum(p.numel() for p in model.parameters()) == 2 * block + 2 * fsdp_memory.VOCAB * shape.hidden + shape.hidden
+    assert "| Llama-3.1-70B (70.6B) | 16 |" in fsdp_memory.table()

@@ -25,6 +25,7 @@ RANK_MODE_ALIASES = (("per_layer", "per_tensor"),)  # the name before per_tensor
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("none", "auto")
+PARALLEL = ("none", "fsdp")
 PARAMETER_SETS = ("weights", "all")
 HEATMAP_STATS = ("max", "mean")
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
@@ -48,6 +49,8 @@ class ModelParams:
     dtype: str = param("auto", Choice(DTYPES))  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = param("auto", Choice(DEVICES))  # auto = cuda when available, else cpu
     device_map: str = param("none", Choice(DEVICE_MAPS))  # auto = spread blocks over every visible GPU (accelerate)
+    parallel: str = param("none", Choice(PARALLEL))  # fsdp = shard the model and its gradient sums over processes (FSDP2)
+    processes: int = param(0, Integer(minimum=0))  # fsdp outside torchrun: the stage launches this many (0 = one per visible GPU)
     trust_remote_code: bool = param(False, Boolean())  # never run a model's own code unless asked
     allow_pickle: bool = param(False, Boolean())  # refuse .bin/.pt pickle checkpoints unless asked
 
@@ -203,6 +206,26 @@ def _cross_checks(p: Params, found: Problems) -> list[str]:
                             f"exact only up to keep (raise sensitivity.keep or lower domains.{key})")
     if found.fine("model.device_map", "model.device") and p.model.device_map == "auto" and p.model.device == "cpu":
         problems.append("model.device_map: 'auto' spreads over GPUs and needs model.device auto or cuda, not 'cpu'")
+    if found.fine("model.parallel") and p.model.parallel == "fsdp":
+        problems.extend(_fsdp_checks(p, found))
+    return problems
+
+
+def _fsdp_checks(p: Params, found: Problems) -> list[str]:
+    """What `model.parallel: fsdp` cannot be combined with (docs/scale.md says why)."""
+    problems = []
+    if found.fine("model.device_map") and p.model.device_map != "none":
+        problems.append("model.parallel: fsdp shards the model over torchrun's processes; "
+                        "model.device_map auto spreads it over one process's GPUs: choose one (set model.device_map none)")
+    if found.fine("model.processes") and p.model.processes == 1:
+        problems.append("model.processes: 1 process cannot shard the model; allowed: 0 (one per visible GPU) or 2 and more")
+    if found.fine("sensitivity.metrics") and "hutchinson" in p.sensitivity.metrics:
+        problems.append("sensitivity.metrics: hutchinson cannot run with model.parallel fsdp (its Hessian-vector "
+                        "products need double backward, which FSDP2 does not run); leave it out, or run it with "
+                        "model.parallel none (one process, torchrun data parallel or model.device_map auto)")
+    if found.fine("sensitivity.dense") and p.sensitivity.dense:
+        problems.append("sensitivity.dense: every score is written by one process, which a sharded model does not "
+                        "fit; set it false with model.parallel fsdp")
     return problems
 
 

@@ -41,6 +41,10 @@ class ResourceError(CriticalWeightsError):
     """The machine ran out of something (device memory, say) that smaller settings would need less of."""
 
 
+class RanksError(CriticalWeightsError):
+    """A process of a run sharded over many failed; its own error is in the log above."""
+
+
 class ReportError(CriticalWeightsError):
     """A report given on the command line (such as critical_weights.csv) is missing or malformed."""
 

@@ -26,8 +26,11 @@ log = logging.getLogger("critical_weights")
 
 
 def setup_logging() -> None:
-    """INFO to stderr, one line per message, quiet third-party libraries."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """INFO to stderr, one line per message, quiet third-party libraries; under torchrun, the
+    ranks after the first say only warnings and errors, so the log reads as one process's."""
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -167,10 +170,11 @@ class Timings:
                      self.seconds[name], self.cpu_seconds[name], self.peak_mib[name])
 
     def write(self, path: Path | None) -> None:
-        """Log the totals and, when given a path, write them there (an untracked file)."""
+        """Log the totals and, when given a path, write them there (an untracked file; under
+        torchrun, the first rank's)."""
         total, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
         log.info("%s: total %.2f s (%.2f s of CPU)", self.stage, total, cpu)
-        if path is None:
+        if path is None or os.environ.get("RANK", "0") != "0":
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"stage": self.stage, "total_s": round(total, 4), "phases_s": {k: round(v, 4) for k, v in self.seconds.items()},

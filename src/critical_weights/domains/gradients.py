@@ -40,7 +40,8 @@ from critical_weights.model import loading, tokenization
 from critical_weights.model.source import resolve_source
 from critical_weights.sensitivity.accumulate import Accumulators
 from critical_weights.sensitivity.loss import predicted_tokens
-from critical_weights.sensitivity.stage import gradients, write_shards
+from critical_weights.sensitivity.stage import gradients
+from critical_weights.sensitivity.writing import write_shards
 from critical_weights.texts import sources
 
 log = logging.getLogger(__name__)

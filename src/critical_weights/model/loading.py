@@ -18,7 +18,7 @@ import torch
 from critical_weights.config.params import ModelParams
 from critical_weights.core import kernels
 from critical_weights.core.errors import ModelError, ParamsError, first_line
-from critical_weights.model import gguf_cache
+from critical_weights.model import gguf_cache, rows
 from critical_weights.model.layout import is_experts_module
 from critical_weights.model.source import LOAD_ERRORS, ModelSource, pretrained_kwargs
 
@@ -48,10 +48,18 @@ def resolve_device(params: ModelParams) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[params.dtype]
 
 
-def load_model(source: ModelSource, params: ModelParams, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(source: ModelSource, params: ModelParams, device: torch.device, dtype: torch.dtype,
+               whole_on_every_rank: bool = False) -> torch.nn.Module:
     """Load the causal LM in eval mode on `device` in `dtype`, with SDPA attention where the
-    architecture supports it and its own default otherwise (Gemma-2 and gpt-oss refuse SDPA)."""
+    architecture supports it and its own default otherwise (Gemma-2 and gpt-oss refuse SDPA).
+
+    With `model.parallel: fsdp`, a stage other than sensitivity holds the model whole: checked
+    first (`rows.check_fits`); the sensitivity stage itself asks `whole_on_every_rank` where
+    it must load the model whole before sharding it."""
     from transformers import AutoModelForCausalLM
+
+    if params.parallel == "fsdp" and not whole_on_every_rank:
+        rows.check_fits(source, device, dtype)
 
     location, kwargs = _cached_gguf_model(source, params)
     if params.device_map == "auto":

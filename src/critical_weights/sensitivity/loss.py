@@ -92,19 +92,21 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return out.logits[0]
 
 
-def check_output_path(model: torch.nn.Module, ids: Sequence[int], max_tokens: int = 32) -> None:
+def check_output_path(model: torch.nn.Module, ids: Sequence[int], max_tokens: int = 32,
+                      dtype: torch.dtype | None = None) -> None:
     """The logits of the scoring path equal `model(input_ids).logits` on (the start of) one text.
 
     A guard for architectures whose forward does something after its base model that
     `output_logits` would miss. Tolerance: 1e-3 of the largest |logit| (at least 8 ulp of the
-    model's dtype), far below what a skipped soft-capping or logit scale changes (percents)."""
+    model's dtype, or of `dtype` where the model computes in another than it stores, as under
+    FSDP), far below what a skipped soft-capping or logit scale changes (percents)."""
     batch = torch.tensor([list(ids[:max_tokens])], device=model.get_input_embeddings().weight.device)  # (1, T)
     with torch.no_grad():
         theirs = model(input_ids=batch, use_cache=False).logits[0].float()  # (T, V)
         hidden = base_model(model)(input_ids=batch, use_cache=False)[0][0]  # (T, C)
         ours = output_logits(model, hidden).float()  # (T, V)
     scale = float(theirs.abs().max())
-    tol = max(1e-3, 8 * torch.finfo(next(model.parameters()).dtype).eps) * scale
+    tol = max(1e-3, 8 * torch.finfo(dtype or next(model.parameters()).dtype).eps) * scale
     worst = float((ours - theirs).abs().max())
     if not worst <= tol:
         raise ModelError(

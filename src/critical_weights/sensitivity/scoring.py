@@ -159,6 +159,7 @@ class Summary:
     grid: np.ndarray  # (gr, gc) float32 max-pooled scores over the stored matrix view
     expert_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) float64 per expert; (0,) dense
     expert_max: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) float64 per expert; (0,) dense
+    m2: float = 0.0  # sum of squared deviations from the mean (std = sqrt(m2 / count)), float64
 
 
 def log10_bin(scores: torch.Tensor) -> torch.Tensor:
@@ -258,21 +259,58 @@ class _Running:
             minimum=float(self.lo), maximum=float(self.hi),
             zeros=int(self.zeros), negatives=int(self.negatives),
             hist=self.hist.cpu().numpy(), grid=self.grid.cpu().numpy(),
-            expert_sum=self.expert_sum.cpu().numpy(), expert_max=self.expert_max.cpu().numpy(),
+            expert_sum=self.expert_sum.cpu().numpy(), expert_max=self.expert_max.cpu().numpy(), m2=self.m2,
         )
 
 
 def summarise(metric: str, name: str, weight: torch.Tensor, acc: Accumulators, keep: int,
-              dense: list[np.ndarray] | None = None, n_experts: int = 0) -> Summary:
+              dense: list[np.ndarray] | None = None, n_experts: int = 0,
+              rows_of: tuple[int, int] | None = None) -> Summary | None:
     """Score one parameter chunk by chunk; with `dense`, also append every score (flat, float32).
 
     `n_experts` > 0: the tensor's leading axis is the expert, and each expert's sum and max
-    are kept too."""
+    are kept too. `rows_of` (offset, total): `weight` and its accumulators hold only the
+    stored-matrix rows offset.. of a matrix of `total` rows (a rank's shard under FSDP); the
+    summary then speaks of the whole matrix (global flat indices, grid and experts), and
+    `merge` joins the shards' summaries. None when the shard holds no row."""
     n_rows, n_cols = as_matrix(weight).shape
-    run = _Running(n_rows, n_cols, keep, weight.device, n_experts, name, metric)
+    offset, total = rows_of or (0, n_rows)
+    if n_rows == 0:
+        return None
+    run = _Running(total, n_cols, keep, weight.device, n_experts, name, metric)
     for rows in row_chunks(n_rows, n_cols, weight.device):
         s = metric_scores(metric, name, weight, acc, rows)  # (r, cols) float32
-        run.add(s, rows)
+        run.add(s, slice(rows.start + offset, rows.stop + offset))
         if dense is not None:
             dense.append(s.reshape(-1).cpu().numpy())
     return run.finish()
+
+
+def merge(parts: list[Summary], keep: int) -> Summary:
+    """One summary of a matrix from the summaries of disjoint row ranges of it (`summarise`
+    with `rows_of`), in row order. Exact: the top and bottom `keep` (with the same ties by
+    flat index), count, min, max, zeros, negatives, histogram, grid and expert maxima. The mean
+    and m2 join by Chan's parallel formula in float64, as the chunks within one range do, and
+    the sums add; each chunk sums its rows in float32, so where the ranges cut the rows into
+    other chunks than one range does, they equal its values to float32 rounding."""
+    first = parts[0]
+    top_v, top_i = top_k_stable(torch.from_numpy(np.concatenate([p.top_score for p in parts])),
+                                torch.from_numpy(np.concatenate([p.top_index for p in parts])), keep)
+    low_v, low_i = top_k_stable(torch.from_numpy(-np.concatenate([p.bottom_score for p in parts])),
+                                torch.from_numpy(np.concatenate([p.bottom_index for p in parts])), keep)
+    n, mean, m2 = 0, 0.0, 0.0
+    for p in parts:
+        delta, n_new = p.mean - mean, n + p.count
+        mean += delta * p.count / n_new
+        m2 += p.m2 + delta * delta * n * p.count / n_new
+        n = n_new
+    experts = len(first.expert_sum)
+    return Summary(
+        top_index=top_i.numpy(), top_score=top_v.numpy(), bottom_index=low_i.numpy(), bottom_score=(-low_v).numpy(),
+        count=n, total=float(sum(p.total for p in parts)), mean=mean, std=float(np.sqrt(m2 / n)) if n else 0.0,
+        minimum=min(p.minimum for p in parts), maximum=max(p.maximum for p in parts),
+        zeros=sum(p.zeros for p in parts), negatives=sum(p.negatives for p in parts),
+        hist=np.sum([p.hist for p in parts], axis=0), grid=np.maximum.reduce([p.grid for p in parts]),
+        expert_sum=np.sum([p.expert_sum for p in parts], axis=0) if experts else first.expert_sum,
+        expert_max=np.maximum.reduce([p.expert_max for p in parts]) if experts else first.expert_max, m2=m2,
+    )
