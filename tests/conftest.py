@@ -3,6 +3,7 @@ folder on disk, params pointed at it). Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import pytest
 
 from _tiny import SHARD_METRICS, VOCAB, build_tiny_model, build_tokenizer, run_prepare_and_sensitivity, save_model_dir, tiny_params
 from critical_weights.config.params import Params
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures a test leaves open (to inspect them) are closed after it, so none pile up."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
 
 
 @pytest.fixture
