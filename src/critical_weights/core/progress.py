@@ -25,11 +25,15 @@ T = TypeVar("T")
 log = logging.getLogger("critical_weights")
 
 
+def first_rank() -> bool:
+    """Whether this process speaks for the run: always, but under torchrun, the first rank only."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup_logging() -> None:
     """INFO to stderr, one line per message, quiet third-party libraries; under torchrun, the
     ranks after the first say only warnings and errors, so the log reads as one process's."""
-    rank = os.environ.get("RANK", "0")
-    level = logging.INFO if rank == "0" else logging.WARNING
+    level = logging.INFO if first_rank() else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -46,8 +50,11 @@ def progress(items: Iterable[T], label: str, length: int | None = None,
     On a terminal: a progress bar. Elsewhere (`dvc repro > log`, CI, a queue): a log line
     every `every_s` seconds, even in the middle of a long item, with done/total and an ETA.
     `work` (one number per item, e.g. its tokens) weighs the items for the ETA; by default
-    every item weighs the same."""
+    every item weighs the same. Under torchrun only the first rank reports."""
     start = time.perf_counter()
+    if not first_rank():
+        yield from items
+        return
     if sys.stderr.isatty():
         with click.progressbar(items, label=label, length=length, file=sys.stderr) as bar:
             yield from bar
@@ -174,7 +181,7 @@ class Timings:
         torchrun, the first rank's)."""
         total, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
         log.info("%s: total %.2f s (%.2f s of CPU)", self.stage, total, cpu)
-        if path is None or os.environ.get("RANK", "0") != "0":
+        if path is None or not first_rank():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"stage": self.stage, "total_s": round(total, 4), "phases_s": {k: round(v, 4) for k, v in self.seconds.items()},

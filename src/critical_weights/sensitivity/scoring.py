@@ -170,6 +170,13 @@ def log10_bin(scores: torch.Tensor) -> torch.Tensor:
     return b.clamp_(0, N_BINS - 1).long()
 
 
+def chan(n: int, mean: float, m2: float, n_b: int, mean_b: float, m2_b: float) -> tuple[int, float, float]:
+    """Chan's parallel update: (count, mean, sum of squared deviations) of a set joined with
+    another set's, in float64 on the host."""
+    delta, n_new = mean_b - mean, n + n_b
+    return n_new, mean + delta * n_b / n_new, m2 + (m2_b + delta * delta * n * n_b / n_new)
+
+
 class _Running:
     """Chunk-wise accumulation of the summary (Chan's parallel mean/variance in float64)."""
 
@@ -217,10 +224,7 @@ class _Running:
         # float32 sums within rows, float64 across rows: accurate and fast on every device
         mean_c = float(s.sum(dim=1).double().sum()) / n_c
         m2_c = float((s - mean_c).square_().sum(dim=1).double().sum())
-        delta, n_new = mean_c - self.mean, self.n + n_c
-        self.mean += delta * n_c / n_new
-        self.m2 += m2_c + delta * delta * self.n * n_c / n_new
-        self.n = n_new
+        self.n, self.mean, self.m2 = chan(self.n, self.mean, self.m2, n_c, mean_c, m2_c)
         self.total += mean_c * n_c
         self.lo = torch.minimum(self.lo, chunk_min)
         self.hi = torch.maximum(self.hi, chunk_max)
@@ -300,10 +304,7 @@ def merge(parts: list[Summary], keep: int) -> Summary:
                                 torch.from_numpy(np.concatenate([p.bottom_index for p in parts])), keep)
     n, mean, m2 = 0, 0.0, 0.0
     for p in parts:
-        delta, n_new = p.mean - mean, n + p.count
-        mean += delta * p.count / n_new
-        m2 += p.m2 + delta * delta * n * p.count / n_new
-        n = n_new
+        n, mean, m2 = chan(n, mean, m2, p.count, p.mean, p.m2)
     experts = len(first.expert_sum)
     return Summary(
         top_index=top_i.numpy(), top_score=top_v.numpy(), bottom_index=low_i.numpy(), bottom_score=(-low_v).numpy(),

@@ -209,8 +209,7 @@ def accumulate(root: LossRoot, input_ids: list[list[int]], params_list: list[tup
     loss_sum = 0.0
     try:
         work = [sum(lengths[i] for i in b) for b, _ in plan]
-        steps = progress(plan, "forward+backward (FSDP)", work=work) if rank == 0 else plan  # one rank reports
-        for step, (batch, counted) in enumerate(steps):
+        for step, (batch, counted) in enumerate(progress(plan, "forward+backward (FSDP)", work=work)):
             ids, mask = pad_batch([list(input_ids[i]) for i in batch], device)
             for w in watchers:
                 w.mask, w.active = mask, counted
@@ -315,8 +314,7 @@ def write(root: LossRoot, tokenizer: Any, params_list: list[tuple[str, torch.nn.
         writer = writing.Writing(model, tokenizer, params_list, acc, skipped, params, out, timings, extra_meta,
                                  shapes={k: shapes for k in sharded_sums})
     with writer if writer is not None else timings.phase("score"):  # the other ranks score, rank 0 also writes
-        listed = progress(params_list, "scoring parameter shards", len(params_list)) if rank == 0 else params_list
-        for index, (name, p) in enumerate(listed):
+        for index, (name, p) in enumerate(progress(params_list, "scoring parameter shards", len(params_list))):
             weight = p.to_local()
             local = Accumulators(grad={name: acc.grad[name]}, fisher={name: acc.fisher[name]} if acc.fisher else {},
                                  act_sq={name: _local_act_sq(acc.act_sq[name], p)} if name in acc.act_sq else {})
